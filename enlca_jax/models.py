@@ -1,0 +1,315 @@
+"""ENLCN: the EDSR-style super-resolution network with ENLCA blocks (authors' src/model/enlcn.py).
+
+Images are NHWC float in [0, rgb_range] (rgb_range 1, as the authors' commands). Layout of the
+trunk ("body") for the default 32 ResBlocks with ``attention_every = 8``::
+
+    ENLCA, RB×8, ENLCA, RB×8, ENLCA, RB×8, ENLCA, RB×8, ENLCA, conv3×3   (+ global skip)
+
+Variables: ``{'params': ..., 'random_features': ...}``; only ``params`` are trainable. Parameter
+names: ``head``, ``attention_<j>`` (query/key/value), ``resblocks_<i>`` (conv1/conv2),
+``body_conv``, ``upsampler`` (conv_<s>), ``tail``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enlca_jax import attention
+
+Array = jax.Array
+
+#: DIV2K RGB mean subtracted at the input and added at the output (authors' MeanShift).
+DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
+SUPPORTED_SCALES = (2, 3, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers
+# ---------------------------------------------------------------------------------------------
+
+
+def pytorch_kernel_init() -> Callable[..., Array]:
+    """PyTorch's Conv2d default, kaiming_uniform(a=√5): U(-1/√fan_in, 1/√fan_in)."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def pytorch_bias_init(fan_in: int) -> Callable[..., Array]:
+    """PyTorch's Conv2d bias default: U(-1/√fan_in, 1/√fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def pixel_shuffle(x: Array, factor: int) -> Array:
+    """PyTorch's PixelShuffle in NHWC: input channel ``c·r² + i·r + j`` → channel c at (h·r+i, w·r+j).
+
+    Args:
+      x: [B, H, W, C·r²].
+
+    Returns:
+      [B, H·r, W·r, C].
+    """
+    batch, height, width, channels = x.shape
+    out = channels // (factor * factor)
+    x = x.reshape(batch, height, width, out, factor, factor)
+    x = x.transpose(0, 1, 4, 2, 5, 3)  # [B, H, r_i, W, r_j, C]
+    return x.reshape(batch, height * factor, width * factor, out)
+
+
+def upsampler_factors(scale: int) -> tuple[int, ...]:
+    """Pixel-shuffle factors of the authors' Upsampler: ×2 → (2,), ×3 → (3,), ×4 → (2, 2)."""
+    if scale not in SUPPORTED_SCALES:
+        raise ValueError(f"scale must be one of {SUPPORTED_SCALES}, got {scale!r}.")
+    return (3,) if scale == 3 else (2,) * int(math.log2(scale))
+
+
+def body_layout(num_resblocks: int, attention_every: int, with_attention: bool) -> list[tuple[str, int]]:
+    """Order of the trunk: ``('attention', j)`` and ``('resblock', i)`` entries.
+
+    One attention block before the first ResBlock and one after every ``attention_every``-th,
+    as in the authors' enlcn.py (``(i + 1) % 8 == 0``).
+    """
+    layout: list[tuple[str, int]] = []
+    num_attention = 0
+    if with_attention:
+        layout.append(("attention", 0))
+        num_attention = 1
+    for i in range(num_resblocks):
+        layout.append(("resblock", i))
+        if with_attention and (i + 1) % attention_every == 0:
+            layout.append(("attention", num_attention))
+            num_attention += 1
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """conv3×3 → ReLU → conv3×3, ``x + res_scale · branch`` (no BatchNorm). [B, H, W, C] → same."""
+
+    features: int
+    res_scale: float = 0.1
+    conv: Callable[..., nn.Module] = nn.Conv
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = self.conv(self.features, name="conv1")(x)
+        y = self.conv(self.features, name="conv2")(nn.relu(y))
+        return x + self.res_scale * y
+
+
+class Upsampler(nn.Module):
+    """Authors' Upsampler: per factor r, conv3×3 C → C·r² then PixelShuffle(r). [B,H,W,C] → [B,sH,sW,C]."""
+
+    scale: int
+    features: int
+    conv: Callable[..., nn.Module] = nn.Conv
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for index, factor in enumerate(upsampler_factors(self.scale)):
+            x = self.conv(self.features * factor * factor, name=f"conv_{index}")(x)
+            x = pixel_shuffle(x, factor)
+        return x
+
+
+class ENLCN(nn.Module):
+    """EDSR with ENLCA blocks. ``ENLCN(scale=4)`` is the authors' ×4 model (43,583,363 params).
+
+    Call: ``model.apply(variables, lr, train=False, mask=None)`` with ``lr`` [B, H, W, colors] in
+    [0, rgb_range] returns SR [B, s·H, s·W, colors]. With ``train=True`` each ENLCA block sows its
+    per-example contrastive loss [B] into the ``'losses'`` collection (pass ``mutable=['losses']``).
+    ``mask`` [B, H, W] bool excludes padded pixels from the attention sums.
+
+    Attributes:
+      scale: 2, 3 or 4.
+      num_resblocks, features, res_scale: EDSR trunk (authors: 32, 256, 0.1).
+      attention_every: an ENLCA block before the first ResBlock and after every n-th (8).
+      attention_fn: ``attention.efficient_attention`` (ENLA, default),
+        ``attention.softmax_attention`` (exact NLA) or None (no attention: plain EDSR).
+      reduction, num_random_features, amplification, feature_type, contrastive_*: the ENLCA
+        blocks' settings (see `attention.ENLCA`).
+      initializer: ``'pytorch'`` (default: the PyTorch defaults the authors trained with; EDSR-style
+        nets with res_scale 0.1 were tuned with them) or ``'flax'`` (lecun_normal, zero bias).
+      rgb_mean, rgb_range, colors: MeanShift constants and image range.
+      dtype, param_dtype, precision: as in flax.linen.Conv (feature maps stay float32).
+    """
+
+    scale: int = 4
+    num_resblocks: int = 32
+    features: int = 256
+    res_scale: float = 0.1
+    attention_every: int = 8
+    attention_fn: Callable[..., Array] | None = attention.efficient_attention
+    reduction: int = 4
+    num_random_features: int = 128
+    amplification: float = 6.0
+    feature_type: str = "orthogonal"
+    contrastive_positive: int = 15
+    contrastive_negative_start: int = 50
+    contrastive_negative: int = 15
+    contrastive_fractions: tuple[float, float] | None = None
+    contrastive_margin: float = 1.0
+    initializer: str = "pytorch"
+    rgb_mean: Sequence[float] = DIV2K_MEAN
+    rgb_range: float = 1.0
+    colors: int = 3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    def _conv_factory(self, kernel: int, fan_in: int) -> Callable[..., nn.Module]:
+        if self.initializer == "pytorch":
+            inits = {
+                "kernel_init": pytorch_kernel_init(),
+                "bias_init": pytorch_bias_init(kernel * kernel * fan_in),
+            }
+        elif self.initializer == "flax":
+            inits = {}
+        else:
+            raise ValueError(f"init must be 'pytorch' or 'flax', got {self.initializer!r}.")
+        return functools.partial(
+            nn.Conv,
+            kernel_size=(kernel, kernel),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            **inits,
+        )
+
+    @property
+    def layout(self) -> list[tuple[str, int]]:
+        return body_layout(self.num_resblocks, self.attention_every, self.attention_fn is not None)
+
+    @property
+    def num_attention_blocks(self) -> int:
+        return sum(kind == "attention" for kind, _ in self.layout)
+
+    def setup(self) -> None:
+        upsampler_factors(self.scale)  # validates the scale
+        if self.num_resblocks < 0 or self.features <= 0 or self.attention_every <= 0:
+            raise ValueError(
+                "num_resblocks >= 0, features > 0 and attention_every > 0 are required, got "
+                f"{self.num_resblocks}, {self.features}, {self.attention_every}."
+            )
+        conv3 = self._conv_factory(3, self.features)
+        self.head = self._conv_factory(3, self.colors)(self.features)
+        self.resblocks = [ResBlock(self.features, self.res_scale, conv3) for _ in range(self.num_resblocks)]
+        if self.initializer == "pytorch":
+            embed_inits = {
+                "kernel_init": pytorch_kernel_init(),
+                "bias_init": pytorch_bias_init(self.features),
+            }
+        else:
+            embed_inits = {}
+        self.attention = [
+            attention.ENLCA(
+                reduction=self.reduction,
+                num_features=self.num_random_features,
+                amplification=self.amplification,
+                res_scale=self.res_scale,
+                feature_type=self.feature_type,
+                attention_fn=self.attention_fn,
+                contrastive_positive=self.contrastive_positive,
+                contrastive_negative_start=self.contrastive_negative_start,
+                contrastive_negative=self.contrastive_negative,
+                contrastive_fractions=self.contrastive_fractions,
+                contrastive_margin=self.contrastive_margin,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                **embed_inits,
+            )
+            for _ in range(self.num_attention_blocks)
+        ]
+        self.body_conv = conv3(self.features)
+        self.upsampler = Upsampler(self.scale, self.features, conv3)
+        self.tail = conv3(self.colors)
+
+    # The stages below are public so that tiled inference can run the network piece by piece.
+
+    def embed(self, x: Array) -> Array:
+        """Mean shift and head conv: [B, H, W, colors] → [B, H, W, features]."""
+        mean = jnp.asarray(self.rgb_mean, jnp.float32) * self.rgb_range
+        return self.head(x - mean.astype(x.dtype))
+
+    def reconstruct(self, trunk: Array, skip: Array) -> Array:
+        """Body conv, global skip, upsampler, tail, mean add: [B, H, W, F] ×2 → [B, sH, sW, colors]."""
+        x = self.body_conv(trunk) + skip
+        x = self.tail(self.upsampler(x))
+        mean = jnp.asarray(self.rgb_mean, jnp.float32) * self.rgb_range
+        return x.astype(jnp.float32) + mean
+
+    def __call__(self, x: Array, *, train: bool = False, mask: Array | None = None) -> Array:
+        if x.ndim != 4 or x.shape[-1] != self.colors:
+            raise ValueError(f"ENLCN expects [B, H, W, {self.colors}] images, got shape {x.shape}.")
+        skip = self.embed(x)
+        trunk = skip
+        for kind, index in self.layout:
+            if kind == "attention":
+                trunk = self.attention[index](trunk, train=train, mask=mask)
+            else:
+                trunk = self.resblocks[index](trunk)
+        return self.reconstruct(trunk, skip)
+
+
+#: Names of the attention variants in configs and checkpoints.
+ATTENTION_FNS: dict[str, Callable[..., Array] | None] = {
+    "enla": attention.efficient_attention,
+    "nla": attention.softmax_attention,
+    "none": None,
+}
+
+
+def model_from_config(config: dict[str, Any], **overrides: Any) -> ENLCN:
+    """ENLCN from a JSON-able dict of its fields, with ``attention`` one of 'enla', 'nla', 'none'."""
+    config = {**dict(config), **overrides}
+    name = config.pop("attention", "enla")
+    if name not in ATTENTION_FNS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_FNS)}, got {name!r}.")
+    fields = set(ENLCN.__dataclass_fields__) - {"parent", "name", "attention_fn"}
+    unknown = set(config) - fields
+    if unknown:
+        raise ValueError(f"unknown ENLCN fields {sorted(unknown)}; known: {sorted(fields)}.")
+    for key in ("rgb_mean", "contrastive_fractions"):
+        if isinstance(config.get(key), list):
+            config[key] = tuple(config[key])
+    return ENLCN(attention_fn=ATTENTION_FNS[name], **config)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (works on ShapeDtypeStructs too)."""
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def init_variables(model: ENLCN, key: Array, lr_size: int = 16) -> dict:
+    """``model.init`` on a [1, lr_size, lr_size, colors] input (params and random features)."""
+    params_key, features_key = jax.random.split(key)
+    dummy = jnp.zeros((1, lr_size, lr_size, model.colors), jnp.float32)
+    return model.init({"params": params_key, attention.FEATURE_COLLECTION: features_key}, dummy)
+
+
+# Presets: the authors' models and small ones for tests and CPU demos.
+ENLCN_X2 = functools.partial(ENLCN, scale=2)
+ENLCN_X3 = functools.partial(ENLCN, scale=3)
+ENLCN_X4 = functools.partial(ENLCN, scale=4)
+#: EDSR baseline without attention (ablation "no attention").
+EDSR_X4 = functools.partial(ENLCN, scale=4, attention_fn=None)
+#: Two ResBlocks, 16 channels, attention before and after them (tests).
+ENLCN_TINY = functools.partial(ENLCN, num_resblocks=2, features=16, attention_every=2, num_random_features=32)
+#: Eight ResBlocks, 32 channels (the golden file's reduced model; CPU demos).
+ENLCN_SMALL = functools.partial(ENLCN, num_resblocks=8, features=32)
