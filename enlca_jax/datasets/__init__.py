@@ -1,0 +1,281 @@
+"""SR datasets as tensorflow-datasets builders that write ``array_record`` (no TensorFlow needed).
+
+Every example is ``{'name': str, 'hr': [H, W, 3] uint8, 'lr_x2', 'lr_x3', 'lr_x4': [⌊H/s⌋, ⌊W/s⌋, 3]
+uint8}``. HR is stored as found (not cropped); readers crop it to LR·s from the top left, which is
+``modcrop``. LR images come from the source folders when present (they must be exactly
+⌊H/s⌋ × ⌊W/s⌋) and are otherwise made with the MATLAB-exact bicubic (`enlca_jax.imresize`).
+Images are normalised to 8-bit RGB (greyscale repeated, alpha dropped, 16-bit scaled).
+
+Builders (each read back with `load_split`, always ``download=False``; nothing is downloaded):
+
+| name | source layout (``--source DIR``) | splits |
+|---|---|---|
+| ``sr_benchmark/<Set>`` | ``<Set>/HR/<name>.png``, ``<Set>/LR_bicubic/X<s>/<name>x<s>.png`` | test |
+| ``sr_div2k`` | ``DIV2K_{train,valid}_HR/``, optional ``DIV2K_{train,valid}_LR_bicubic/X<s>/`` | train, val. |
+| ``sr_folder/<name>`` | any folder of HR images (or ``<folder>/HR``) | train |
+| ``sr_skimage`` | none: photographs shipped inside scikit-image (the embedded default) | train, validation |
+
+Prepare from the command line (once)::
+
+    python -m enlca_jax.datasets --source ~/data/benchmark --data_dir ~/tensorflow_datasets
+    python -m enlca_jax.datasets --source ~/data/DIV2K --data_dir ~/tensorflow_datasets
+    python -m enlca_jax.datasets --source ~/photos --folder myphotos --data_dir ~/tensorflow_datasets
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from enlca_jax import image_io, imresize
+
+SCALES = (2, 3, 4)
+BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
+BENCHMARK_LAYOUT = "<source>/<Set>/HR/<name>.png and optionally <source>/<Set>/LR_bicubic/X<s>/<name>x<s>.png"
+DIV2K_LAYOUT = "<source>/DIV2K_train_HR/0001.png … and <source>/DIV2K_valid_HR/0801.png …"
+#: scikit-image's bundled photographs (no download): training and validation images.
+SKIMAGE_TRAIN = (
+    "astronaut", "brick", "camera", "coffee", "coins", "grass", "gravel",
+    "hubble_deep_field", "immunohistochemistry", "moon", "retina", "clock", "page", "text",
+)  # fmt: skip
+SKIMAGE_VALIDATION = ("chelsea", "rocket")
+
+
+def lr_key(scale: int) -> str:
+    return f"lr_x{scale}"
+
+
+def _features() -> tfds.features.FeaturesDict:
+    image = {lr_key(s): tfds.features.Image(shape=(None, None, 3), encoding_format="png") for s in SCALES}
+    return tfds.features.FeaturesDict(
+        {
+            "name": tfds.features.Text(),
+            "hr": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            **image,
+        }
+    )
+
+
+def make_example(name: str, hr: np.ndarray, lrs: dict[int, np.ndarray | None], origin: str) -> dict[str, Any]:
+    """An example with PNG bytes; missing LR images are made with MATLAB bicubic.
+
+    Raises ValueError naming ``origin`` when an LR image is not exactly ⌊H/s⌋ × ⌊W/s⌋.
+    """
+    hr = image_io.to_rgb_uint8(hr, origin)
+    example: dict[str, Any] = {"name": name, "hr": image_io.encode_png(hr)}
+    for scale in SCALES:
+        expected = (hr.shape[0] // scale, hr.shape[1] // scale)
+        if min(expected) < 1:
+            raise ValueError(f"{origin}: HR {hr.shape[:2]} is smaller than the scale {scale}.")
+        lr = lrs.get(scale)
+        if lr is None:
+            lr = imresize.bicubic_downscale(hr, scale)
+        elif lr.shape[:2] != expected:
+            raise ValueError(
+                f"{origin}: LR ×{scale} is {lr.shape[0]}×{lr.shape[1]} but HR {hr.shape[0]}×{hr.shape[1]} "
+                f"needs exactly {expected[0]}×{expected[1]} (floor(HR/{scale}))."
+            )
+        example[lr_key(scale)] = image_io.encode_png(lr)
+    return example
+
+
+def _find_lr(folder: pathlib.Path, name: str, scale: int) -> pathlib.Path | None:
+    for suffix in (f"{name}x{scale}", name):
+        for extension in image_io.IMAGE_EXTENSIONS:
+            candidate = folder / f"X{scale}" / f"{suffix}{extension}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def paired_examples(
+    hr_dir: pathlib.Path, lr_root: pathlib.Path | None, layout: str
+) -> Iterator[tuple[str, dict]]:
+    """Examples from a folder of HR images and an optional ``LR_bicubic``-style folder."""
+    if not hr_dir.is_dir():
+        raise FileNotFoundError(f"missing folder {hr_dir}; expected layout: {layout}.")
+    paths = image_io.list_images(hr_dir)
+    if not paths:
+        raise ValueError(f"no images in {hr_dir}; expected layout: {layout}.")
+    for path in paths:
+        lrs = {}
+        for scale in SCALES:
+            lr_path = _find_lr(lr_root, path.stem, scale) if lr_root is not None else None
+            lrs[scale] = image_io.read_image(lr_path) if lr_path is not None else None
+        yield path.stem, make_example(path.stem, image_io.read_image(path), lrs, str(path))
+
+
+def _manual_dir(dl_manager: Any, builder: str) -> pathlib.Path:
+    directory = getattr(dl_manager, "_manual_dir", None)
+    if not directory:
+        raise FileNotFoundError(f"{builder} is made from local files: pass --source DIR (the manual_dir).")
+    return pathlib.Path(os.fspath(directory))
+
+
+class SrConfig(tfds.core.BuilderConfig):
+    """A builder config; for ``sr_folder`` the name is the user's dataset name."""
+
+
+class SrBenchmark(tfds.core.GeneratorBasedBuilder):
+    """SR benchmark sets in the EDSR layout (HR + bicubic LR ×2/×3/×4)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [SrConfig(name=name, description=f"{name} benchmark set") for name in BENCHMARK_SETS]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Lay the sets out as {BENCHMARK_LAYOUT}."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(features=_features(), description="SR benchmark set")
+
+    def _split_generators(self, dl_manager):
+        root = _manual_dir(dl_manager, "sr_benchmark") / self.builder_config.name
+        if not root.is_dir():
+            raise FileNotFoundError(f"missing folder {root}; expected layout: {BENCHMARK_LAYOUT}.")
+        return {"test": paired_examples(root / "HR", root / "LR_bicubic", BENCHMARK_LAYOUT)}
+
+    def _generate_examples(self, examples):  # pragma: no cover - examples come ready-made
+        yield from examples
+
+
+class SrDiv2k(tfds.core.GeneratorBasedBuilder):
+    """DIV2K from the user's downloaded folders (800 train, 100 validation)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download DIV2K yourself and lay it out as {DIV2K_LAYOUT}."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(features=_features(), description="DIV2K")
+
+    def _split_generators(self, dl_manager):
+        root = _manual_dir(dl_manager, "sr_div2k")
+        splits = {}
+        for split, part in (("train", "train"), ("validation", "valid")):
+            lr_root = root / f"DIV2K_{part}_LR_bicubic"
+            splits[split] = paired_examples(
+                root / f"DIV2K_{part}_HR", lr_root if lr_root.is_dir() else None, DIV2K_LAYOUT
+            )
+        return splits
+
+    def _generate_examples(self, examples):  # pragma: no cover
+        yield from examples
+
+
+class SrFolder(tfds.core.GeneratorBasedBuilder):
+    """Any folder of HR images (LR made with MATLAB bicubic); name it with a config."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [SrConfig(name="default")]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "A folder of HR images (or a folder with HR/ and LR_bicubic/X<s>/)."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(features=_features(), description="folder of HR images")
+
+    def _split_generators(self, dl_manager):
+        root = _manual_dir(dl_manager, "sr_folder")
+        hr_dir = root / "HR" if (root / "HR").is_dir() else root
+        lr_root = root / "LR_bicubic" if (root / "LR_bicubic").is_dir() else None
+        return {"train": paired_examples(hr_dir, lr_root, "a folder of HR images, or <folder>/HR/")}
+
+    def _generate_examples(self, examples):  # pragma: no cover
+        yield from examples
+
+
+class SrSkimage(tfds.core.GeneratorBasedBuilder):
+    """The embedded default: photographs inside the scikit-image wheel (nothing is downloaded)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(features=_features(), description="scikit-image photographs")
+
+    def _split_generators(self, dl_manager):
+        return {
+            "train": self._generate_examples(SKIMAGE_TRAIN),
+            "validation": self._generate_examples(SKIMAGE_VALIDATION),
+        }
+
+    def _generate_examples(self, names):
+        from skimage import data  # noqa: PLC0415  (only needed to prepare)
+
+        for name in names:
+            yield name, make_example(name, getattr(data, name)(), {}, f"skimage.data.{name}")
+
+
+BUILDERS = {"sr_benchmark": SrBenchmark, "sr_div2k": SrDiv2k, "sr_folder": SrFolder, "sr_skimage": SrSkimage}
+
+
+def get_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
+    """Our builder for ``'sr_benchmark/Set5'``, ``'sr_div2k'``, ``'sr_folder/NAME'``, ``'sr_skimage'``."""
+    builder_name, _, config = name.partition("/")
+    if builder_name not in BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)} (e.g. 'sr_benchmark/Set5').")
+    cls = BUILDERS[builder_name]
+    kwargs: dict[str, Any] = {"data_dir": os.fspath(data_dir), "file_format": "array_record"}
+    if builder_name == "sr_folder":
+        kwargs["config"] = SrConfig(name=config or "default")
+    elif config:
+        names = [c.name for c in cls.BUILDER_CONFIGS]
+        if config not in names:
+            raise ValueError(f"{builder_name} has no set {config!r}; known: {names}.")
+        kwargs["config"] = config
+    return cls(**kwargs)
+
+
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    return (pathlib.Path(os.fspath(builder.data_dir)) / "dataset_info.json").is_file()
+
+
+def prepare(
+    name: str, data_dir: str | os.PathLike, source: str | os.PathLike | None = None
+) -> tfds.core.DatasetBuilder:
+    """Build a dataset into ``data_dir`` from local files (never downloads)."""
+    builder = get_builder(name, data_dir)
+    if is_prepared(builder):
+        return builder
+    manual = os.fspath(source) if source is not None else None
+    if manual is not None and not pathlib.Path(manual).is_dir():
+        raise FileNotFoundError(f"source folder {manual} does not exist.")
+    config = tfds.download.DownloadConfig(
+        manual_dir=manual, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    builder.download_and_prepare(download_config=config)
+    return builder
+
+
+def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
+    """A random-access source (``len`` and ``[i]`` → example dict of numpy arrays) of a prepared split.
+
+    ``sr_skimage`` is prepared on first use (it needs no files); every other dataset must have
+    been prepared, else FileNotFoundError says the command that prepares it.
+    """
+    builder = get_builder(name, data_dir)
+    if not is_prepared(builder):
+        if name == "sr_skimage":
+            builder = prepare(name, data_dir)
+        else:
+            folder = f" --folder {name.partition('/')[2]}" if name.startswith("sr_folder") else ""
+            layout = BUILDERS[name.partition("/")[0]].MANUAL_DOWNLOAD_INSTRUCTIONS
+            raise FileNotFoundError(
+                f"dataset {name} is not prepared in {data_dir} (nothing is downloaded). Prepare it with: "
+                f"python -m enlca_jax.datasets --source DIR --data_dir {data_dir}{folder}   ({layout})"
+            )
+    if split not in builder.info.splits:
+        raise ValueError(f"dataset {name} has splits {list(builder.info.splits)}, not {split!r}.")
+    return builder.as_data_source(split=split)
+
+
+def decode_name(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def detect(source: pathlib.Path) -> list[str]:
+    """Dataset names that a source folder can prepare."""
+    found = []
+    if (source / "DIV2K_train_HR").is_dir() or (source / "DIV2K_valid_HR").is_dir():
+        found.append("sr_div2k")
+    found += [f"sr_benchmark/{s}" for s in BENCHMARK_SETS if (source / s / "HR").is_dir()]
+    return found

@@ -1,0 +1,193 @@
+"""TFDS builders (array_record, no TensorFlow), image reading, and the grain pipeline."""
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from enlca_jax import datasets, image_io, imresize, input_pipeline
+from enlca_jax.datasets import __main__ as prepare_cli
+
+
+def write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def random_image(rng, h, w, c=3):
+    shape = (h, w, c) if c else (h, w)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def benchmark_dir(tmp_path):
+    """A tiny EDSR-layout set 'Set5' with LR ×2 given and ×3/×4 missing (to be generated)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "src"
+    for name, (h, w) in {"a": (40, 50), "b": (37, 61), "c": (48, 48)}.items():
+        hr = random_image(rng, h, w)
+        write(root / "Set5" / "HR" / f"{name}.png", hr)
+        write(root / "Set5" / "LR_bicubic" / "X2" / f"{name}x2.png", imresize.bicubic_downscale(hr, 2))
+    return root
+
+
+class TestBuilders:
+    def test_prepare_and_read_without_tensorflow(self, benchmark_dir, tmp_path):
+        assert prepare_cli.main(["--source", str(benchmark_dir), "--data_dir", str(tmp_path / "tfds")]) == 0
+        source = datasets.load_split("sr_benchmark/Set5", "test", tmp_path / "tfds")
+        assert len(source) == 3
+        assert "tensorflow" not in sys.modules
+        by_name = {datasets.decode_name(source[i]["name"]): source[i] for i in range(3)}
+        hr = np.asarray(Image.open(benchmark_dir / "Set5" / "HR" / "b.png"))
+        np.testing.assert_array_equal(by_name["b"]["hr"], hr)
+        for scale in (2, 3, 4):
+            np.testing.assert_array_equal(by_name["b"][f"lr_x{scale}"], imresize.bicubic_downscale(hr, scale))
+
+    def test_shared_set5_uses_matlab_lr_files(self, shared_data, tmp_path):
+        builder = datasets.prepare("sr_benchmark/Set5", tmp_path, shared_data / "benchmark")
+        source = builder.as_data_source(split="test")
+        names = [name for name, _, _ in input_pipeline.eval_examples(source, 4)]
+        assert names == ["baby", "bird", "butterfly", "head", "woman"]
+        for name, lr, hr in input_pipeline.eval_examples(source, 3):
+            expected = np.asarray(Image.open(shared_data / "benchmark/Set5/LR_bicubic/X3" / f"{name}x3.png"))
+            np.testing.assert_array_equal(lr, expected)
+            assert hr.shape == (lr.shape[0] * 3, lr.shape[1] * 3, 3)
+
+    def test_folder_and_embedded_default(self, tmp_path):
+        rng = np.random.default_rng(1)
+        write(tmp_path / "photos" / "x.png", random_image(rng, 30, 30))
+        write(tmp_path / "photos" / "grey.png", random_image(rng, 25, 33, c=0))
+        argv = ["--source", str(tmp_path / "photos"), "--folder", "mine", "--data_dir", str(tmp_path / "d")]
+        assert prepare_cli.main(argv) == 0
+        source = datasets.load_split("sr_folder/mine", "train", tmp_path / "d")
+        assert len(source) == 2 and all(source[i]["hr"].shape[-1] == 3 for i in range(2))
+        skimage = datasets.load_split("sr_skimage", "validation", tmp_path / "d")  # prepared on first use
+        assert len(skimage) == len(datasets.SKIMAGE_VALIDATION)
+
+    def test_not_prepared_says_how(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="python -m enlca_jax.datasets --source"):
+            datasets.load_split("sr_benchmark/Set14", "test", tmp_path)
+
+    def test_missing_folder(self, tmp_path, capsys):
+        assert prepare_cli.main(["--source", str(tmp_path / "nope"), "--data_dir", str(tmp_path)]) == 2
+        assert "HR" in capsys.readouterr().err
+
+    def test_set_without_images_names_layout(self, tmp_path):
+        (tmp_path / "src" / "Set5" / "HR").mkdir(parents=True)
+        with pytest.raises(ValueError, match=r"no images in .*Set5/HR.*expected layout"):
+            datasets.prepare("sr_benchmark/Set5", tmp_path / "d", tmp_path / "src")
+
+    def test_corrupt_image_names_file(self, benchmark_dir, tmp_path):
+        path = benchmark_dir / "Set5" / "HR" / "b.png"
+        path.write_bytes(path.read_bytes()[:200])  # truncated
+        with pytest.raises(ValueError, match=r"b\.png.*corrupt"):
+            datasets.prepare("sr_benchmark/Set5", tmp_path / "d", benchmark_dir)
+
+    def test_lr_size_mismatch_names_file(self, benchmark_dir, tmp_path):
+        write(
+            benchmark_dir / "Set5" / "LR_bicubic" / "X2" / "ax2.png",
+            random_image(np.random.default_rng(2), 19, 25),
+        )
+        with pytest.raises(ValueError, match=r"a\.png: LR ×2 is 19×25 .* exactly 20×25"):
+            datasets.prepare("sr_benchmark/Set5", tmp_path / "d", benchmark_dir)
+
+    def test_unknown_names(self, tmp_path):
+        with pytest.raises(ValueError, match="known"):
+            datasets.get_builder("div3k", tmp_path)
+        with pytest.raises(ValueError, match="no set"):
+            datasets.get_builder("sr_benchmark/Set6", tmp_path)
+
+
+class TestImageIO:
+    def test_conversions(self, tmp_path):
+        rng = np.random.default_rng(3)
+        write(tmp_path / "g.png", random_image(rng, 4, 5, c=0))
+        write(tmp_path / "rgba.png", random_image(rng, 4, 5, c=4))
+        Image.fromarray(np.full((4, 5), 65535, np.uint16)).save(tmp_path / "w16.png")
+        grey = image_io.read_image(tmp_path / "g.png")
+        assert grey.shape == (4, 5, 3) and np.all(grey[..., 0] == grey[..., 2])
+        assert image_io.read_image(tmp_path / "rgba.png").shape == (4, 5, 3)
+        np.testing.assert_array_equal(image_io.read_image(tmp_path / "w16.png"), 255)
+
+    def test_bad_files(self, tmp_path):
+        with pytest.raises(FileNotFoundError):
+            image_io.read_image(tmp_path / "none.png")
+        (tmp_path / "x.png").write_bytes(b"hello")
+        with pytest.raises(ValueError, match="x.png"):
+            image_io.read_image(tmp_path / "x.png")
+
+
+def coordinate_source(n=6, scale=2, seed=0):
+    """Examples whose LR is HR subsampled, so crops can be checked for alignment exactly."""
+    rng = np.random.default_rng(seed)
+    source = []
+    for i in range(n):
+        hr = random_image(rng, 24 + 2 * i, 30)
+        source.append(
+            {"name": f"im{i}".encode(), "hr": hr, f"lr_x{scale}": hr[::scale, ::scale][: 12 + i, :15]}
+        )
+    return source
+
+
+class TestPipeline:
+    def test_batches_and_alignment(self):
+        source = coordinate_source()
+        it = iter(
+            input_pipeline.train_dataset(source, scale=2, patch_size=8, batch_size=3, seed=0, augment=False)
+        )
+        for _ in range(4):
+            batch = next(it)
+            assert batch["lr"].shape == (3, 8, 8, 3) and batch["hr"].shape == (3, 16, 16, 3)
+            np.testing.assert_array_equal(batch["hr"][:, ::2, ::2], batch["lr"])
+
+    def test_augment_is_paired(self):
+        rng = np.random.default_rng(4)
+        lr = random_image(rng, 5, 7)
+        hr = np.repeat(np.repeat(lr, 3, 0), 3, 1)
+        seen = set()
+        for seed in range(40):
+            a, b = input_pipeline.augment(lr, hr, np.random.default_rng(seed))
+            np.testing.assert_array_equal(np.repeat(np.repeat(a, 3, 0), 3, 1), b)
+            seen.add(a.tobytes())
+        assert len(seen) == 8
+
+    def test_deterministic_and_resumable(self):
+        source = coordinate_source()
+
+        def stream():
+            return iter(input_pipeline.train_dataset(source, scale=2, patch_size=6, batch_size=2, seed=7))
+
+        a, b = stream(), stream()
+        first = [next(a)["lr"] for _ in range(5)]
+        np.testing.assert_array_equal(np.stack(first), np.stack([next(b)["lr"] for _ in range(5)]))
+        state = a.get_state()
+        expected = [next(a)["lr"] for _ in range(4)]  # crosses the epoch boundary (6 images)
+        resumed = stream()
+        resumed.set_state(state)
+        np.testing.assert_array_equal(np.stack(expected), np.stack([next(resumed)["lr"] for _ in range(4)]))
+
+    def test_shards_are_disjoint(self):
+        source = coordinate_source(n=8)
+        names = []
+        for index in range(2):
+            dataset = input_pipeline.train_dataset(
+                source, scale=2, patch_size=6, batch_size=1, seed=0, shard_index=index, shard_count=2
+            )
+            it = iter(dataset)
+            batches = [next(it)["lr"].tobytes() for _ in range(4)]
+            names.append(set(batches))
+        assert not names[0] & names[1]
+
+    def test_errors(self):
+        source = coordinate_source()
+        with pytest.raises(ValueError, match=r"smaller than the patch 14 .* im0 \(12×15\)"):
+            input_pipeline.train_dataset(source, scale=2, patch_size=14, batch_size=2, seed=0)
+        with pytest.raises(ValueError, match="scale 4 has no LR"):
+            input_pipeline.train_dataset(source, scale=4, patch_size=4, batch_size=2, seed=0)
+        with pytest.raises(ValueError, match="no images"):
+            input_pipeline.train_dataset([], scale=2, patch_size=4, batch_size=2, seed=0)
+        with pytest.raises(ValueError, match="has no images: too few"):
+            input_pipeline.train_dataset(
+                source[:1], scale=2, patch_size=4, batch_size=1, seed=0, shard_count=2, shard_index=1
+            )
