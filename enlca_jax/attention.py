@@ -203,17 +203,14 @@ def softmax_kernel_features(
 def _check_qkv(q: Array, k: Array, v: Array, mask: Array | None) -> None:
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
         raise ValueError(
-            f"q, k, v must be [..., N, D], [..., L, D], [..., L, Cv]; got shapes "
-            f"{q.shape}, {k.shape}, {v.shape}."
+            f"q, k, v must be [..., N, D], [..., L, D], [..., L, Cv]; got shapes {q.shape}, {k.shape}, {v.shape}."
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k embedding widths differ: q {q.shape}, k {k.shape}.")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same number of positions L: k {k.shape}, v {v.shape}.")
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(
-            f"q, k, v leading (batch) axes differ: {q.shape[:-2]}, {k.shape[:-2]}, {v.shape[:-2]}."
-        )
+        raise ValueError(f"q, k, v leading (batch) axes differ: {q.shape[:-2]}, {k.shape[:-2]}, {v.shape[:-2]}.")
     if mask is not None and tuple(mask.shape) != tuple(k.shape[:-1]):
         raise ValueError(f"mask must be [..., L] = {k.shape[:-1]} (keys), got {mask.shape}.")
 
@@ -357,9 +354,7 @@ def softmax_attention(
     del projection, unused_kwargs
     _check_qkv(q, k, v, mask)
     dtype = _feature_dtype(q)
-    logits = jnp.einsum(
-        "...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision
-    )  # [..., N, L]
+    logits = jnp.einsum("...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision)  # [..., N, L]
     if mask is not None:
         logits = jnp.where(mask[..., None, :], logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -388,8 +383,7 @@ def contrastive_counts(
     """
     if not 0 < positive_fraction < 1 or not 0 <= negative_start_fraction < 1:
         raise ValueError(
-            f"fractions must lie in (0, 1): got positive {positive_fraction}, "
-            f"negative start {negative_start_fraction}."
+            f"fractions must lie in (0, 1): got positive {positive_fraction}, negative start {negative_start_fraction}."
         )
     count = max(1, int(math.floor(positive_fraction * num_positions)))
     start = int(math.floor(negative_start_fraction * num_positions))
@@ -445,8 +439,7 @@ def contrastive_loss(
     counts = (num_positive, negative_start, num_negative)
     if any(int(c) != c for c in counts) or num_positive <= 0 or num_negative <= 0 or negative_start < 0:
         raise ValueError(
-            f"counts must be integers with num_positive > 0, num_negative > 0 and "
-            f"negative_start >= 0; got {counts}."
+            f"counts must be integers with num_positive > 0, num_negative > 0 and negative_start >= 0; got {counts}."
         )
     num_keys = k.shape[-2]
     depth = max(num_positive, negative_start + num_negative)
@@ -456,9 +449,7 @@ def contrastive_loss(
             f"(k.shape = {k.shape}); use smaller counts or `contrastive_counts` fractions."
         )
     dtype = _feature_dtype(q)
-    scores = jnp.einsum(
-        "...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision
-    )  # T: [..., N, L]
+    scores = jnp.einsum("...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision)  # T: [..., N, L]
     top, _ = lax.top_k(scores, depth)  # [..., N, depth], descending
     positive = jnp.mean(jnp.exp(top[..., :num_positive]), axis=-1)  # [..., N]
     negative = jnp.mean(jnp.exp(top[..., negative_start : negative_start + num_negative]), axis=-1)
@@ -580,9 +571,7 @@ class ENLCA(nn.Module):
         projection = self.variable(
             FEATURE_COLLECTION,
             "projection",
-            lambda: random_matrix(
-                self.make_rng(FEATURE_COLLECTION), self.num_features, embed, self.feature_type
-            ),
+            lambda: random_matrix(self.make_rng(FEATURE_COLLECTION), self.num_features, embed, self.feature_type),
         ).value
         return (
             q.reshape(batch, n, embed),

@@ -153,8 +153,7 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> tuple[dict[str, Any], di
         else:
             params["body_conv"] = _conv(state, f"body.{index}")
     params["upsampler"] = {
-        f"conv_{s}": _conv(state, f"tail.0.{2 * s}")
-        for s in range(len(models.upsampler_factors(config["scale"])))
+        f"conv_{s}": _conv(state, f"tail.0.{2 * s}") for s in range(len(models.upsampler_factors(config["scale"])))
     }
     params["tail"] = _conv(state, "tail.1")
     variables = {"params": params}

@@ -62,6 +62,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_rgb_uint8(array, str(path))
 
 
+def is_greyscale_file(path: str | os.PathLike) -> bool:
+    """True when the file stores a single grey channel (with or without alpha)."""
+    with Image.open(path) as image:
+        return image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of an [H, W, 3] (or [H, W]) uint8 image."""
     buffer = io.BytesIO()

@@ -29,9 +29,7 @@ def validate_images(images: Any, colors: int = 3) -> tuple[np.ndarray, bool]:
     """Check an LR batch and return it as float32 [B, H, W, C], and whether it was unbatched."""
     x = np.asarray(images)
     if x.ndim not in (3, 4):
-        raise ValueError(
-            f"expected an image [H, W, {colors}] or a batch [B, H, W, {colors}], got shape {x.shape}."
-        )
+        raise ValueError(f"expected an image [H, W, {colors}] or a batch [B, H, W, {colors}], got shape {x.shape}.")
     single = x.ndim == 3
     if single:
         x = x[None]
@@ -143,9 +141,7 @@ def _stage_fns(model: models.ENLCN) -> dict[str, Callable[..., Array]]:
         return model.apply(variables, x, method=lambda m, x: m.attention[index].summarize(x))
 
     def attend(variables, x, summary, index):
-        return model.apply(
-            variables, x, summary, method=lambda m, x, s: m.attention[index].apply_with_summary(x, s)
-        )
+        return model.apply(variables, x, summary, method=lambda m, x, s: m.attention[index].apply_with_summary(x, s))
 
     def reconstruct(variables, trunk, skip):
         return model.apply(variables, trunk, skip, method=lambda m, t, s: m.reconstruct(t, s))
@@ -181,17 +177,13 @@ def predict_tiled_batch(model: models.ENLCN, variables: Any, x: Array, *, tile_s
     if int(tile_size) != tile_size or tile_size < 1:
         raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}.")
     if model.attention_fn not in (None, attention.efficient_attention):
-        raise ValueError(
-            "tiled inference needs ENLA (or no attention): exact NLA has no additive key summary."
-        )
+        raise ValueError("tiled inference needs ENLA (or no attention): exact NLA has no additive key summary.")
     fns = _stage_fns(model)
     x = np.asarray(x, np.float32)
     batch, height, width, _ = x.shape
     tiles = list(_tiles(height, width, tile_size))
 
-    def conv_stage(
-        source: np.ndarray, halo: int, fn: Callable[[Array], Array], out_scale: int = 1
-    ) -> np.ndarray:
+    def conv_stage(source: np.ndarray, halo: int, fn: Callable[[Array], Array], out_scale: int = 1) -> np.ndarray:
         out = None
         for rows, cols in tiles:
             grown_rows, inner_rows = _with_halo(rows, halo, height)
@@ -264,14 +256,10 @@ def predict_chop_batch(
     if w_size * h_size < min_size or (h_size, w_size) == (h, w):  # (no progress: stop recursing)
         outs = [forward(model, variables, piece) for piece in pieces]
     else:
-        outs = [
-            predict_chop_batch(model, variables, piece, shave=shave, min_size=min_size) for piece in pieces
-        ]
+        outs = [predict_chop_batch(model, variables, piece, shave=shave, min_size=min_size) for piece in pieces]
     h, w, h_half, w_half = scale * h, scale * w, scale * h_half, scale * w_half
     h_size, w_size = scale * h_size, scale * w_size
-    top = jnp.concatenate(
-        [outs[0][:, 0:h_half, 0:w_half], outs[1][:, 0:h_half, w_size - w + w_half : w_size]], axis=2
-    )
+    top = jnp.concatenate([outs[0][:, 0:h_half, 0:w_half], outs[1][:, 0:h_half, w_size - w + w_half : w_size]], axis=2)
     bottom = jnp.concatenate(
         [
             outs[2][:, h_size - h + h_half : h_size, 0:w_half],
@@ -282,9 +270,7 @@ def predict_chop_batch(
     return jnp.concatenate([top, bottom], axis=1)
 
 
-def predict_tiled(
-    model: models.ENLCN, variables: Any, images: Any, tile_size: int, **kwargs: Any
-) -> np.ndarray:
+def predict_tiled(model: models.ENLCN, variables: Any, images: Any, tile_size: int, **kwargs: Any) -> np.ndarray:
     """`predict` with ``tile_size`` set (global attention, bounded activation memory)."""
     return predict(model, variables, images, tile_size=tile_size, **kwargs)
 

@@ -121,9 +121,7 @@ def train_dataset(
     if shard_count > 1:
         dataset = dataset[shard_index::shard_count]
         if len(dataset) == 0:
-            raise ValueError(
-                f"process {shard_index} of {shard_count} has no images: too few images to shard."
-            )
+            raise ValueError(f"process {shard_index} of {shard_count} has no images: too few images to shard.")
     dataset = dataset.shuffle(seed=seed).repeat(None)
     dataset = dataset.random_map(PairedCrop(scale, patch_size, augment), seed=seed)
     dataset = dataset.batch(batch_size, drop_remainder=True)
@@ -133,13 +131,22 @@ def train_dataset(
     return iter_dataset
 
 
-def eval_examples(
-    source: Sequence[dict[str, Any]], scale: int
-) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Whole images in name order: ``(name, lr [h, w, 3] uint8, hr [h·s, w·s, 3] uint8)``."""
+@dataclasses.dataclass(frozen=True)
+class EvalImage:
+    """One evaluation image: LR [h, w, 3] uint8, HR cropped to [h·s, w·s, 3] uint8."""
+
+    name: str
+    lr: np.ndarray
+    hr: np.ndarray
+    greyscale: bool = False
+
+
+def eval_examples(source: Sequence[dict[str, Any]], scale: int) -> Iterator[EvalImage]:
+    """Whole images of a split, in name order."""
     check_source(source, scale)
     names = [(datasets.decode_name(source[i]["name"]), i) for i in range(len(source))]
     for name, index in sorted(names):
         example = source[index]
         lr = example[datasets.lr_key(scale)]
-        yield name, lr, crop_hr(example["hr"], lr, scale)
+        greyscale = bool(example.get("greyscale", False))
+        yield EvalImage(name, lr, crop_hr(example["hr"], lr, scale), greyscale)

@@ -114,9 +114,7 @@ class TestGolden:
         block = A.ENLCA()
 
         def objective(params, x):
-            out, aux = block.apply(
-                {**variables, "params": params}, x, train=True, mutable=[A.LOSS_COLLECTION]
-            )
+            out, aux = block.apply({**variables, "params": params}, x, train=True, mutable=[A.LOSS_COLLECTION])
             total, count = A.sum_contrastive_losses(aux[A.LOSS_COLLECTION])
             return jnp.sum(out * weights) + jnp.mean(total / count), out
 
@@ -373,9 +371,7 @@ class TestEfficientAttention:
             functools.partial(A.efficient_attention, stabilize=True),
             A.softmax_attention,
         ):
-            np.testing.assert_allclose(
-                fn(q, k, v, f, mask=mask), fn(q, k[:, :13], v[:, :13], f), rtol=1e-5, atol=1e-6
-            )
+            np.testing.assert_allclose(fn(q, k, v, f, mask=mask), fn(q, k[:, :13], v[:, :13], f), rtol=1e-5, atol=1e-6)
 
     def test_summaries_add_over_tiles(self):
         q, k, v = _qkv()
@@ -390,9 +386,7 @@ class TestEfficientAttention:
     def test_grad_and_jit(self):
         q, k, v = _qkv()
         f = A.orthogonal_random_matrix(jax.random.key(0), 32, 8)
-        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(A.efficient_attention(q, k, v, f)), (0, 1, 2)))(
-            q, k, v
-        )
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(A.efficient_attention(q, k, v, f)), (0, 1, 2)))(q, k, v)
         assert all(np.all(np.isfinite(g)) for g in grads)
         assert float(jnp.abs(grads[0]).sum()) > 0
 
@@ -455,9 +449,7 @@ class TestContrastiveLoss:
         # Margin 4: random 8-dim embeddings separate top and rank-50 keys by more than the
         # authors' margin 1, which would clip every term to 0 and hide the gradients.
         fn = jax.jit(
-            functools.partial(
-                A.contrastive_loss, num_positive=p, negative_start=s, num_negative=c, margin=4.0
-            )
+            functools.partial(A.contrastive_loss, num_positive=p, negative_start=s, num_negative=c, margin=4.0)
         )
         ours = fn(q, k)
         ref = dense_contrastive(q, k, p, s, c)
@@ -518,12 +510,8 @@ class TestENLCAModule:
         np.testing.assert_allclose(unit[:4] @ unit[:4].T, np.eye(4), atol=1e-5)
 
     def test_rng_stream_for_features(self):
-        other = self.block.init(
-            {"params": jax.random.key(1), A.FEATURE_COLLECTION: jax.random.key(9)}, self.x
-        )
-        np.testing.assert_array_equal(
-            other["params"]["query"]["kernel"], self.variables["params"]["query"]["kernel"]
-        )
+        other = self.block.init({"params": jax.random.key(1), A.FEATURE_COLLECTION: jax.random.key(9)}, self.x)
+        np.testing.assert_array_equal(other["params"]["query"]["kernel"], self.variables["params"]["query"]["kernel"])
         assert not np.allclose(
             other[A.FEATURE_COLLECTION]["projection"], self.variables[A.FEATURE_COLLECTION]["projection"]
         )

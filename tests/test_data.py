@@ -47,12 +47,13 @@ class TestBuilders:
     def test_shared_set5_uses_matlab_lr_files(self, shared_data, tmp_path):
         builder = datasets.prepare("sr_benchmark/Set5", tmp_path, shared_data / "benchmark")
         source = builder.as_data_source(split="test")
-        names = [name for name, _, _ in input_pipeline.eval_examples(source, 4)]
+        names = [image.name for image in input_pipeline.eval_examples(source, 4)]
         assert names == ["baby", "bird", "butterfly", "head", "woman"]
-        for name, lr, hr in input_pipeline.eval_examples(source, 3):
-            expected = np.asarray(Image.open(shared_data / "benchmark/Set5/LR_bicubic/X3" / f"{name}x3.png"))
-            np.testing.assert_array_equal(lr, expected)
-            assert hr.shape == (lr.shape[0] * 3, lr.shape[1] * 3, 3)
+        for image in input_pipeline.eval_examples(source, 3):
+            path = shared_data / "benchmark/Set5/LR_bicubic/X3" / f"{image.name}x3.png"
+            np.testing.assert_array_equal(image.lr, np.asarray(Image.open(path)))
+            assert image.hr.shape == (image.lr.shape[0] * 3, image.lr.shape[1] * 3, 3)
+            assert not image.greyscale
 
     def test_folder_and_embedded_default(self, tmp_path):
         rng = np.random.default_rng(1)
@@ -62,6 +63,8 @@ class TestBuilders:
         assert prepare_cli.main(argv) == 0
         source = datasets.load_split("sr_folder/mine", "train", tmp_path / "d")
         assert len(source) == 2 and all(source[i]["hr"].shape[-1] == 3 for i in range(2))
+        grey = {datasets.decode_name(source[i]["name"]): bool(source[i]["greyscale"]) for i in range(2)}
+        assert grey == {"grey": True, "x": False}
         skimage = datasets.load_split("sr_skimage", "validation", tmp_path / "d")  # prepared on first use
         assert len(skimage) == len(datasets.SKIMAGE_VALIDATION)
 
@@ -124,18 +127,14 @@ def coordinate_source(n=6, scale=2, seed=0):
     source = []
     for i in range(n):
         hr = random_image(rng, 24 + 2 * i, 30)
-        source.append(
-            {"name": f"im{i}".encode(), "hr": hr, f"lr_x{scale}": hr[::scale, ::scale][: 12 + i, :15]}
-        )
+        source.append({"name": f"im{i}".encode(), "hr": hr, f"lr_x{scale}": hr[::scale, ::scale][: 12 + i, :15]})
     return source
 
 
 class TestPipeline:
     def test_batches_and_alignment(self):
         source = coordinate_source()
-        it = iter(
-            input_pipeline.train_dataset(source, scale=2, patch_size=8, batch_size=3, seed=0, augment=False)
-        )
+        it = iter(input_pipeline.train_dataset(source, scale=2, patch_size=8, batch_size=3, seed=0, augment=False))
         for _ in range(4):
             batch = next(it)
             assert batch["lr"].shape == (3, 8, 8, 3) and batch["hr"].shape == (3, 16, 16, 3)

@@ -106,9 +106,7 @@ class TestGoldenImport:
 
     def setup_method(self):
         self.g = load_golden("enlcn_small.npz")
-        self.config, self.variables = convert.convert_state_dict(
-            convert.load_state_dict(GOLDEN / "enlcn_small.npz")
-        )
+        self.config, self.variables = convert.convert_state_dict(convert.load_state_dict(GOLDEN / "enlcn_small.npz"))
         self.model = models.model_from_config(self.config)
         self.x = self.g["x"].transpose(0, 2, 3, 1)
 
@@ -130,9 +128,7 @@ class TestGoldenImport:
         hr = self.g["hr"].transpose(0, 2, 3, 1)
 
         def total_loss(params):
-            out, aux = self.model.apply(
-                {**self.variables, "params": params}, self.x, train=True, mutable=["losses"]
-            )
+            out, aux = self.model.apply({**self.variables, "params": params}, self.x, train=True, mutable=["losses"])
             contrastive, count = attention.sum_contrastive_losses(aux["losses"])
             return jnp.mean(jnp.abs(out - hr)) + 0.001 * jnp.mean(contrastive / count), aux
 

@@ -1,6 +1,6 @@
 """SR datasets as tensorflow-datasets builders that write ``array_record`` (no TensorFlow needed).
 
-Every example is ``{'name': str, 'hr': [H, W, 3] uint8, 'lr_x2', 'lr_x3', 'lr_x4': [⌊H/s⌋, ⌊W/s⌋, 3]
+Every example is ``{'name': str, 'greyscale': bool, 'hr': [H, W, 3] uint8, 'lr_x2', 'lr_x3', 'lr_x4': [⌊H/s⌋, ⌊W/s⌋, 3]
 uint8}``. HR is stored as found (not cropped); readers crop it to LR·s from the top left, which is
 ``modcrop``. LR images come from the source folders when present (they must be exactly
 ⌊H/s⌋ × ⌊W/s⌋) and are otherwise made with the MATLAB-exact bicubic (`enlca_jax.imresize`).
@@ -55,19 +55,25 @@ def _features() -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict(
         {
             "name": tfds.features.Text(),
+            "greyscale": tfds.features.Scalar(dtype=np.bool_),
             "hr": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
             **image,
         }
     )
 
 
-def make_example(name: str, hr: np.ndarray, lrs: dict[int, np.ndarray | None], origin: str) -> dict[str, Any]:
+def make_example(
+    name: str, hr: np.ndarray, lrs: dict[int, np.ndarray | None], origin: str, greyscale: bool = False
+) -> dict[str, Any]:
     """An example with PNG bytes; missing LR images are made with MATLAB bicubic.
+
+    ``greyscale`` records that the source file had one channel (metrics then compare grey values).
 
     Raises ValueError naming ``origin`` when an LR image is not exactly ⌊H/s⌋ × ⌊W/s⌋.
     """
+    greyscale = greyscale or np.ndim(hr) == 2
     hr = image_io.to_rgb_uint8(hr, origin)
-    example: dict[str, Any] = {"name": name, "hr": image_io.encode_png(hr)}
+    example: dict[str, Any] = {"name": name, "greyscale": greyscale, "hr": image_io.encode_png(hr)}
     for scale in SCALES:
         expected = (hr.shape[0] // scale, hr.shape[1] // scale)
         if min(expected) < 1:
@@ -93,9 +99,7 @@ def _find_lr(folder: pathlib.Path, name: str, scale: int) -> pathlib.Path | None
     return None
 
 
-def paired_examples(
-    hr_dir: pathlib.Path, lr_root: pathlib.Path | None, layout: str
-) -> Iterator[tuple[str, dict]]:
+def paired_examples(hr_dir: pathlib.Path, lr_root: pathlib.Path | None, layout: str) -> Iterator[tuple[str, dict]]:
     """Examples from a folder of HR images and an optional ``LR_bicubic``-style folder."""
     if not hr_dir.is_dir():
         raise FileNotFoundError(f"missing folder {hr_dir}; expected layout: {layout}.")
@@ -107,7 +111,8 @@ def paired_examples(
         for scale in SCALES:
             lr_path = _find_lr(lr_root, path.stem, scale) if lr_root is not None else None
             lrs[scale] = image_io.read_image(lr_path) if lr_path is not None else None
-        yield path.stem, make_example(path.stem, image_io.read_image(path), lrs, str(path))
+        hr = image_io.read_image(path)
+        yield path.stem, make_example(path.stem, hr, lrs, str(path), image_io.is_greyscale_file(path))
 
 
 def _manual_dir(dl_manager: Any, builder: str) -> pathlib.Path:

@@ -16,9 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", help="folder with the images (see the layouts in the module docstring)")
     parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
     parser.add_argument("--folder", help="prepare --source as a plain folder of HR images named FOLDER")
-    parser.add_argument(
-        "--skimage", action="store_true", help="prepare the embedded scikit-image photographs"
-    )
+    parser.add_argument("--skimage", action="store_true", help="prepare the embedded scikit-image photographs")
     args = parser.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
