@@ -420,9 +420,9 @@ def contrastive_loss(
 
     Memory: T itself is [..., N, L], quadratic in the number of positions; beyond it only
     ``lax.top_k`` of size ``negative_start + num_negative`` per row is kept (O(N·(start +
-    count))), never a full sort. The quadratic T is acceptable because the loss is computed
-    only in training, on patches (LR 48×48: N = 2304, T is 21 MB per image in float32), never
-    on whole images at test time.
+    count))), never a full sort (the backward pass adds one [..., N, L] gradient of T). The
+    quadratic T is acceptable because the loss is computed only in training, on patches
+    (LR 48×48: N = 2304, T is 21 MB per image in float32), never on whole images at test time.
 
     Args:
       q: [..., N, D] normalised, amplified queries.
@@ -449,8 +449,14 @@ def contrastive_loss(
             f"(k.shape = {k.shape}); use smaller counts or `contrastive_counts` fractions."
         )
     dtype = _feature_dtype(q)
-    scores = jnp.einsum("...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision)  # T: [..., N, L]
-    top, _ = lax.top_k(scores, depth)  # [..., N, depth], descending
+    # T: [..., N, L]
+    scores = jnp.einsum("...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision)
+    # Rank without gradient, then pick the ranked scores out of T: the gradient reaches T only at
+    # the selected entries, as through the authors' sort.
+    _, index = lax.top_k(lax.stop_gradient(scores), depth)  # [..., N, depth], descending
+    # Without the barrier XLA:CPU rewrites top_k into a full sort of every row (7x slower).
+    index = lax.optimization_barrier(index)
+    top = jnp.take_along_axis(scores, index, axis=-1)  # [..., N, depth]
     positive = jnp.mean(jnp.exp(top[..., :num_positive]), axis=-1)  # [..., N]
     negative = jnp.mean(jnp.exp(top[..., negative_start : negative_start + num_negative]), axis=-1)
     per_query = jax.nn.relu(margin - jnp.log(positive / (negative + ratio_eps)))  # [..., N]

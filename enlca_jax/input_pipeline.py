@@ -96,6 +96,8 @@ def train_dataset(
     shard_count: int = 1,
     augment: bool = True,
     worker_count: int = 0,
+    read_threads: int = 2,
+    prefetch: int = 4,
     check: bool = True,
 ) -> grain.IterDataset:
     """An endless, checkpointable stream of training batches for this process.
@@ -108,6 +110,9 @@ def train_dataset(
       shard_index, shard_count: this process's shard (``jax.process_index()``, ``jax.process_count()``).
       augment: random flips/transposes.
       worker_count: > 0 runs decoding and cropping in that many worker processes.
+      read_threads, prefetch: background threads and batches read ahead in this process, so
+        decoding overlaps the train step (grain's defaults, 16 threads and 500 elements, would
+        hog a small machine's cores and memory).
       check: scan the source first (`check_source`) for clear errors before training starts.
 
     Returns:
@@ -125,7 +130,7 @@ def train_dataset(
     dataset = dataset.shuffle(seed=seed).repeat(None)
     dataset = dataset.random_map(PairedCrop(scale, patch_size, augment), seed=seed)
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    iter_dataset = dataset.to_iter_dataset()
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     if worker_count > 0:
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter_dataset

@@ -251,8 +251,11 @@ def prepare(
     return builder
 
 
-def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
+def load_split(name: str, split: str, data_dir: str | os.PathLike, scale: int | None = None) -> Any:
     """A random-access source (``len`` and ``[i]`` → example dict of numpy arrays) of a prepared split.
+
+    With ``scale`` set, only that scale's LR image is decoded (the others stay PNG bytes), which
+    saves decoding time in training.
 
     ``sr_skimage`` is prepared on first use (it needs no files); every other dataset must have
     been prepared, else FileNotFoundError says the command that prepares it.
@@ -270,7 +273,12 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
             )
     if split not in builder.info.splits:
         raise ValueError(f"dataset {name} has splits {list(builder.info.splits)}, not {split!r}.")
-    return builder.as_data_source(split=split)
+    decoders = None
+    if scale is not None:
+        if scale not in SCALES:
+            raise ValueError(f"scale {scale} has no LR images in {name} (it has scales {SCALES}).")
+        decoders = {lr_key(s): tfds.decode.SkipDecoding() for s in SCALES if s != scale}
+    return builder.as_data_source(split=split, decoders=decoders)
 
 
 def decode_name(value: Any) -> str:

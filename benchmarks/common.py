@@ -1,0 +1,97 @@
+"""Shared benchmark helpers: machine facts, timing, the float32 matmul reference, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def machine_info() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (GiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` (its result blocked on), after ``warmup`` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Achieved float32 GFLOP/s of a jitted size×size matmul (the machine's reference figure)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    fn = jax.jit(lambda a, b: a @ b)
+    seconds = time_fn(lambda: fn(a, b), repeats=repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def compiled_cost(fn: Callable, *args: Any) -> tuple[Any, float, dict[str, float]]:
+    """(compiled executable, counted FLOPs, memory analysis in bytes) of ``jax.jit(fn)(*args)``."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = compiled.memory_analysis()
+    mem = {}
+    if memory is not None:
+        for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+            mem[name] = float(getattr(memory, name, 0))
+    return compiled, flops, mem
+
+
+def write_json(path: str | os.PathLike | None, payload: dict[str, Any]) -> None:
+    if not path:
+        return
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

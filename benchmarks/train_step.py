@@ -1,0 +1,101 @@
+"""Full ENLCN train-step throughput against the machine's float32 matmul figure, with a breakdown.
+
+    python benchmarks/train_step.py                       # ×4, LR patch 48, batch 16
+    python benchmarks/train_step.py --batch 4 --json out/train_step.json
+
+Times one jitted train step (Adam, L1 + 0.001·contrastive, 5 ENLCA blocks) and, for the
+breakdown, the same step without the contrastive term, without attention (plain EDSR) and the
+optimiser update alone. Achieved GFLOP/s = XLA's counted FLOPs of the step / its time. Reports
+them next to a 2048² float32 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from configs import enlca_x4  # noqa: E402
+from enlca_jax import train_lib  # noqa: E402
+
+
+def step_case(config, batch, with_contrastive: bool, attention: str, repeats: int):
+    config = config.copy_and_resolve_references()
+    config.model.attention = attention
+    model, tx = train_lib.create_model(config), train_lib.create_optimizer(config)
+    state = train_lib.create_train_state(config, model, tx)
+    fn = functools.partial(
+        train_lib.train_step, model=model, tx=tx, schedule=train_lib.learning_rate_schedule(config),
+        contrastive_weight=config.contrastive.weight, with_contrastive=with_contrastive, axis_name=None,
+    )  # fmt: skip
+    compiled, flops, memory = common.compiled_cost(fn, state, batch)
+    seconds = common.time_fn(lambda: compiled(state, batch), repeats=repeats)
+    return seconds, flops, memory, state, tx
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16, help="images per step (authors: 16)")
+    parser.add_argument("--patch", type=int, default=48, help="LR patch size (authors: 48)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per case (median)")
+    parser.add_argument("--no-breakdown", action="store_true", help="time only the full step")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    config = enlca_x4.get_config()
+    config.data.patch_size = args.patch
+    rng = np.random.default_rng(0)
+    s = config.model.scale
+    batch = {
+        "lr": rng.integers(0, 256, (args.batch, args.patch, args.patch, 3), dtype=np.uint8),
+        "hr": rng.integers(0, 256, (args.batch, args.patch * s, args.patch * s, 3), dtype=np.uint8),
+    }
+    matmul = common.matmul_gflops()
+    rows = []
+    cases = [("full step (L1 + contrastive)", True, "enla")]
+    if not args.no_breakdown:
+        cases += [("without contrastive term", False, "enla"), ("without attention (EDSR)", False, "none")]
+    for name, contrastive, attention in cases:
+        seconds, flops, memory, state, tx = step_case(config, batch, contrastive, attention, args.repeats)
+        rows.append({
+            "case": name, "seconds": seconds, "steps_per_s": 1 / seconds, "images_per_s": args.batch / seconds,
+            "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9, "of_matmul": flops / seconds / 1e9 / matmul,
+            "temp_gib": memory.get("temp_size_in_bytes", 0) / 2**30,
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    if not args.no_breakdown:
+        grads = jax.tree_util.tree_map(lambda p: p * 1e-3, state.params)
+        update = jax.jit(lambda g, o, p: tx.update(g, o, p))
+        seconds = common.time_fn(lambda: update(grads, state.opt_state, state.params), repeats=5)
+        rows.append({"case": "optimiser update alone", "seconds": seconds})
+        full, no_contrastive, edsr = (r["seconds"] for r in rows[:3])
+        breakdown = {
+            "convolutions (EDSR step incl. optimiser)": edsr / full,
+            "attention blocks (ENLA, fwd+bwd)": (no_contrastive - edsr) / full,
+            "contrastive term (fwd+bwd)": (full - no_contrastive) / full,
+            "optimiser update (part of the conv share)": seconds / full,
+        }
+    else:
+        breakdown = {}
+    print(f"\nENLCN ×4 train step, batch {args.batch}, LR patch {args.patch}; "
+          f"float32 matmul 2048²: {matmul:.1f} GFLOP/s")  # fmt: skip
+    common.print_table(rows, ["case", "seconds", "images_per_s", "gflop", "gflops_per_s", "of_matmul", "temp_gib"])
+    for key, value in breakdown.items():
+        print(f"  {key}: {100 * value:.1f} % of the full step")
+    print(f"peak RSS {common.peak_rss_gib():.2f} GiB")
+    common.write_json(args.json, {
+        "benchmark": "train_step", "machine": common.machine_info(), "batch": args.batch, "patch": args.patch,
+        "matmul_gflops_per_s": matmul, "cases": rows, "breakdown_fraction": breakdown,
+        "peak_rss_gib": common.peak_rss_gib(),
+    })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The README's main job: a small ENLCN ×2 trained on 2 CPU cores in about 5 minutes.
+
+    python train.py --config configs/demo.py --workdir runs/demo
+
+Trains on the photographs that ship inside scikit-image (prepared into TFDS form on first use,
+nothing is downloaded) and validates on two held-out ones (chelsea, rocket). At the end it prints
+the validation Y-PSNR next to MATLAB bicubic's; expected: the model beats bicubic (measured 34.3 dB
+versus 33.8 dB for bicubic, 0.5 dB better; see the README). The contrastive term is switched on
+for the last 200 steps (the authors likewise train with L1 alone first), so the whole ENLCA
+objective runs; it costs 3x a plain step here (exact top-65 per query on the CPU).
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.scale = 2
+    config.model.num_resblocks = 4
+    config.model.features = 32
+    config.model.attention_every = 2
+    config.data.train = "sr_skimage"
+    config.data.validation = "sr_skimage"
+    config.data.validation_split = "validation"
+    config.data.patch_size = 32
+    config.batch_size = 8
+    config.num_train_steps = 800
+    config.learning_rate = 5e-4
+    config.lr_milestones = (600,)
+    config.contrastive.start_step = 600
+    config.redraw_interval = 640
+    config.log_every = 100
+    config.eval_every = 400
+    config.checkpoint_every = 200
+    config.num_sample_images = 2
+    return config
