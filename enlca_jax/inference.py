@@ -80,6 +80,7 @@ def predict(
     self_ensemble: bool = False,
     tile_size: int | None = None,
     chop: bool = False,
+    pad_multiple: int | None = None,
 ) -> np.ndarray:
     """Super-resolve LR images.
 
@@ -90,21 +91,43 @@ def predict(
       tile_size: if set, run `predict_tiled` with LR tiles of this size (global attention,
         equal to untiled inference; bounds activation memory for large images).
       chop: run the authors' ``--chop`` (`predict_chop`) instead; changes the result.
+      pad_multiple: pad H and W up to multiples of this (bottom/right) and mask the padding out
+        of the attention sums and conv inputs: the result equals unpadded inference, and images
+        of many sizes share a few compiled shapes.
 
     Returns:
       SR images [..., s·H, s·W, C] float32 (same batching as the input).
     """
     x, single = validate_images(images, model.colors)
-    if chop and tile_size is not None:
-        raise ValueError("choose either tile_size (global attention) or chop (authors' quadrants), not both.")
+    if sum(option is not None and option is not False for option in (tile_size, chop, pad_multiple)) > 1:
+        raise ValueError("choose one of tile_size (global attention), chop (authors' quadrants), pad_multiple.")
     if chop:
         fn = functools.partial(predict_chop_batch, model, variables)
     elif tile_size is not None:
         fn = functools.partial(predict_tiled_batch, model, variables, tile_size=tile_size)
+    elif pad_multiple is not None:
+        fn = functools.partial(predict_padded_batch, model, variables, multiple=pad_multiple)
     else:
         fn = functools.partial(forward, model, variables)
     out = np.asarray(_apply(fn, x, self_ensemble), np.float32)
     return out[0] if single else out
+
+
+def bucket_shape(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of ``multiple``."""
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def predict_padded_batch(model: models.ENLCN, variables: Any, x: Array, *, multiple: int) -> Array:
+    """[B, H, W, C] → [B, sH, sW, C] through a forward on the bucket shape with the padding masked."""
+    if int(multiple) != multiple or multiple < 1:
+        raise ValueError(f"pad_multiple must be a positive integer, got {multiple!r}.")
+    batch, height, width, _ = x.shape
+    padded_h, padded_w = bucket_shape(height, width, multiple)
+    padded = jnp.pad(jnp.asarray(x), ((0, 0), (0, padded_h - height), (0, padded_w - width), (0, 0)))
+    mask = jnp.zeros((batch, padded_h, padded_w), bool).at[:, :height, :width].set(True)
+    out = forward(model, variables, padded, mask)
+    return out[:, : height * model.scale, : width * model.scale]
 
 
 # ---------------------------------------------------------------------------------------------

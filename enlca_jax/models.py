@@ -98,6 +98,20 @@ def body_layout(num_resblocks: int, attention_every: int, with_attention: bool) 
 # ---------------------------------------------------------------------------------------------
 
 
+def apply_mask(x: Array, mask: Array | None) -> Array:
+    """Zero the padded pixels of x: [B, H·f, W·f, C] with mask [B, H, W] (f ≥ 1 repeats the mask).
+
+    Zeroing every conv input outside the image makes a padded forward equal the unpadded one:
+    each 3×3 conv then sees exactly the zeros that 'SAME' padding gives at the image border.
+    """
+    if mask is None:
+        return x
+    factor = x.shape[1] // mask.shape[1]
+    if factor > 1:
+        mask = jnp.repeat(jnp.repeat(mask, factor, axis=1), factor, axis=2)
+    return x * mask[..., None].astype(x.dtype)
+
+
 class ResBlock(nn.Module):
     """conv3×3 → ReLU → conv3×3, ``x + res_scale · branch`` (no BatchNorm). [B, H, W, C] → same."""
 
@@ -106,10 +120,10 @@ class ResBlock(nn.Module):
     conv: Callable[..., nn.Module] = nn.Conv
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
         y = self.conv(self.features, name="conv1")(x)
-        y = self.conv(self.features, name="conv2")(nn.relu(y))
-        return x + self.res_scale * y
+        y = self.conv(self.features, name="conv2")(apply_mask(nn.relu(y), mask))
+        return apply_mask(x + self.res_scale * y, mask)
 
 
 class Upsampler(nn.Module):
@@ -120,10 +134,10 @@ class Upsampler(nn.Module):
     conv: Callable[..., nn.Module] = nn.Conv
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
         for index, factor in enumerate(upsampler_factors(self.scale)):
             x = self.conv(self.features * factor * factor, name=f"conv_{index}")(x)
-            x = pixel_shuffle(x, factor)
+            x = apply_mask(pixel_shuffle(x, factor), mask)
         return x
 
 
@@ -133,7 +147,9 @@ class ENLCN(nn.Module):
     Call: ``model.apply(variables, lr, train=False, mask=None)`` with ``lr`` [B, H, W, colors] in
     [0, rgb_range] returns SR [B, s·H, s·W, colors]. With ``train=True`` each ENLCA block sows its
     per-example contrastive loss [B] into the ``'losses'`` collection (pass ``mutable=['losses']``).
-    ``mask`` [B, H, W] bool excludes padded pixels from the attention sums.
+    ``mask`` [B, H, W] bool marks the real pixels of images padded at the bottom/right: padded
+    pixels are left out of the attention sums and zeroed before every conv, so the output on the
+    real pixels equals that of the unpadded image (one compiled shape serves many image sizes).
 
     Attributes:
       scale: 2, 3 or 4.
@@ -242,29 +258,31 @@ class ENLCN(nn.Module):
 
     # The stages below are public so that tiled inference can run the network piece by piece.
 
-    def embed(self, x: Array) -> Array:
+    def embed(self, x: Array, mask: Array | None = None) -> Array:
         """Mean shift and head conv: [B, H, W, colors] → [B, H, W, features]."""
         mean = jnp.asarray(self.rgb_mean, jnp.float32) * self.rgb_range
-        return self.head(x - mean.astype(x.dtype))
+        return apply_mask(self.head(apply_mask(x - mean.astype(x.dtype), mask)), mask)
 
-    def reconstruct(self, trunk: Array, skip: Array) -> Array:
+    def reconstruct(self, trunk: Array, skip: Array, mask: Array | None = None) -> Array:
         """Body conv, global skip, upsampler, tail, mean add: [B, H, W, F] ×2 → [B, sH, sW, colors]."""
-        x = self.body_conv(trunk) + skip
-        x = self.tail(self.upsampler(x))
+        x = apply_mask(self.body_conv(trunk) + skip, mask)
+        x = self.tail(self.upsampler(x, mask))
         mean = jnp.asarray(self.rgb_mean, jnp.float32) * self.rgb_range
         return x.astype(jnp.float32) + mean
 
     def __call__(self, x: Array, *, train: bool = False, mask: Array | None = None) -> Array:
         if x.ndim != 4 or x.shape[-1] != self.colors:
             raise ValueError(f"ENLCN expects [B, H, W, {self.colors}] images, got shape {x.shape}.")
-        skip = self.embed(x)
+        if mask is not None and mask.shape != x.shape[:3]:
+            raise ValueError(f"mask must be [B, H, W] = {x.shape[:3]}, got {mask.shape}.")
+        skip = self.embed(x, mask)
         trunk = skip
         for kind, index in self.layout:
             if kind == "attention":
-                trunk = self.attention[index](trunk, train=train, mask=mask)
+                trunk = apply_mask(self.attention[index](trunk, train=train, mask=mask), mask)
             else:
-                trunk = self.resblocks[index](trunk)
-        return self.reconstruct(trunk, skip)
+                trunk = self.resblocks[index](trunk, mask)
+        return self.reconstruct(trunk, skip, mask)
 
 
 #: Names of the attention variants in configs and checkpoints.

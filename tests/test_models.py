@@ -268,6 +268,16 @@ class TestInference:
         )  # one level of recursion
         np.testing.assert_allclose(recursive, full, atol=1e-6)
 
+    def test_padding_with_mask_equals_unpadded(self):
+        for scale in (2, 4):
+            model = models.ENLCN_TINY(scale=scale)
+            variables = models.init_variables(model, jax.random.key(scale))
+            x = self.x[:, :13, :17]
+            full = inference.predict(model, variables, x)
+            padded = inference.predict(model, variables, x, pad_multiple=8)  # 13×17 → 16×24
+            np.testing.assert_allclose(padded, full, atol=2e-6)
+        assert inference.bucket_shape(13, 17, 8) == (16, 24)
+
     def test_chop_changes_attention(self):
         x = np.random.default_rng(3).random((1, 40, 48, 3)).astype(np.float32)
         full = inference.predict(self.model, self.variables, x)
@@ -292,7 +302,7 @@ class TestInference:
     def test_bad_options(self):
         with pytest.raises(ValueError, match="tile_size"):
             inference.predict(self.model, self.variables, self.x, tile_size=0)
-        with pytest.raises(ValueError, match="not both"):
+        with pytest.raises(ValueError, match="choose one of"):
             inference.predict(self.model, self.variables, self.x, tile_size=8, chop=True)
         nla = models.ENLCN_TINY(scale=2, attention_fn=attention.softmax_attention)
         with pytest.raises(ValueError, match="NLA"):

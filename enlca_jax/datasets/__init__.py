@@ -90,7 +90,7 @@ def make_example(
     return example
 
 
-def _find_lr(folder: pathlib.Path, name: str, scale: int) -> pathlib.Path | None:
+def find_lr(folder: pathlib.Path, name: str, scale: int) -> pathlib.Path | None:
     for suffix in (f"{name}x{scale}", name):
         for extension in image_io.IMAGE_EXTENSIONS:
             candidate = folder / f"X{scale}" / f"{suffix}{extension}"
@@ -109,7 +109,7 @@ def paired_examples(hr_dir: pathlib.Path, lr_root: pathlib.Path | None, layout: 
     for path in paths:
         lrs = {}
         for scale in SCALES:
-            lr_path = _find_lr(lr_root, path.stem, scale) if lr_root is not None else None
+            lr_path = find_lr(lr_root, path.stem, scale) if lr_root is not None else None
             lrs[scale] = image_io.read_image(lr_path) if lr_path is not None else None
         hr = image_io.read_image(path)
         yield path.stem, make_example(path.stem, hr, lrs, str(path), image_io.is_greyscale_file(path))

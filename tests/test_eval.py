@@ -1,0 +1,98 @@
+"""eval.py and eval_lib: benchmark evaluation, bicubic baseline, padding buckets, user images."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import GOLDEN
+from PIL import Image
+
+from enlca_jax import convert, eval_lib, imresize
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def authors_x2(tmp_path_factory):
+    """The golden reduced ENLCN (×2) converted into a model checkpoint."""
+    target = tmp_path_factory.mktemp("ckpt") / "authors_x2"
+    assert convert.main([str(GOLDEN / "enlcn_small.npz"), "--output", str(target)]) == 0
+    return target
+
+
+def make_set(root, name="Set5", sizes=((30, 36), (27, 41)), seed=0):
+    rng = np.random.default_rng(seed)
+    for index, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w]
+        hr = 127 + 60 * np.sin(xx / 3.0 + index)[..., None] * np.cos(yy / 4.0)[..., None] + rng.normal(0, 5, (h, w, 3))
+        path = root / name / "HR" / f"im{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(hr.clip(0, 255).astype(np.uint8)).save(path)
+    return root
+
+
+class TestEvaluation:
+    def test_bicubic_on_shared_set5(self, shared_data, tmp_path):
+        options = eval_lib.Options(model="bicubic", scale=4, datasets=("Set5",),
+                                   data_dir=str(shared_data / "benchmark"), output=str(tmp_path))  # fmt: skip
+        results = eval_lib.run_evaluation(options)
+        assert results["Set5"][4].psnr == pytest.approx(28.42, abs=0.02)  # published bicubic (VDSR table)
+        saved = json.loads((tmp_path / "results.json").read_text())
+        assert len(saved["sets"]["Set5"]["x4"]["images"]) == 5
+        csv = (tmp_path / "results.csv").read_text().splitlines()
+        assert csv[0] == "set,scale,image,psnr,ssim" and csv[-1].startswith("Set5,4,MEAN,28.4")
+
+    def test_model_checkpoint_padding_equals_unpadded(self, authors_x2, tmp_path):
+        root = make_set(tmp_path / "data")
+        common = {"workdir": str(authors_x2), "datasets": ("Set5",), "data_dir": str(root)}
+        padded = eval_lib.run_evaluation(eval_lib.Options(**common, output=str(tmp_path / "a"), pad_multiple=16,
+                                                          save_images=True))  # fmt: skip
+        plain = eval_lib.run_evaluation(eval_lib.Options(**common, output=str(tmp_path / "b"), pad_multiple=0))
+        for a, b in zip(padded["Set5"][2].images, plain["Set5"][2].images, strict=True):
+            assert a.psnr == pytest.approx(b.psnr, abs=1e-6) and a.ssim == pytest.approx(b.ssim, abs=1e-8)
+        assert len(list((tmp_path / "a" / "images" / "Set5" / "x2").glob("*.png"))) == 2
+
+    def test_scale_mismatch(self, authors_x2):
+        with pytest.raises(ValueError, match="×2 model"):
+            eval_lib.make_upscaler(eval_lib.Options(workdir=str(authors_x2), scale=4))
+
+    def test_missing_and_empty_sets(self, tmp_path):
+        options = eval_lib.Options(model="bicubic", scale=2, datasets=("Urban100",), data_dir=str(tmp_path))
+        with pytest.raises(FileNotFoundError, match=r"Urban100/HR.*expected layout"):
+            eval_lib.run_evaluation(options)
+        (tmp_path / "Urban100" / "HR").mkdir(parents=True)
+        with pytest.raises(ValueError, match="no images"):
+            eval_lib.run_evaluation(options)
+
+    def test_cli_errors_are_clear(self, tmp_path):
+        result = subprocess.run(
+            [sys.executable, "eval.py", "--model", "bicubic", "--scale", "2", "--datasets", "B100",
+             f"--data_dir={tmp_path}", f"--output={tmp_path / 'out'}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2 and "B100/HR" in result.stderr
+
+
+class TestUpscale:
+    def test_grey_rgba_and_folder(self, authors_x2, tmp_path):
+        rng = np.random.default_rng(1)
+        inputs = tmp_path / "in"
+        inputs.mkdir()
+        Image.fromarray(rng.integers(0, 256, (9, 11), dtype=np.uint8)).save(inputs / "grey.png")
+        Image.fromarray(rng.integers(0, 256, (10, 7, 4), dtype=np.uint8)).save(inputs / "rgba.png")
+        options = eval_lib.Options(workdir=str(authors_x2), output=str(tmp_path / "out"))
+        written = eval_lib.run_upscale(options, inputs)
+        grey = Image.open(tmp_path / "out" / "grey_x2.png")
+        rgba = Image.open(tmp_path / "out" / "rgba_x2.png")
+        assert len(written) == 2
+        assert grey.mode == "L" and grey.size == (22, 18)
+        assert rgba.mode == "RGBA" and rgba.size == (14, 20)
+        alpha = np.asarray(Image.open(inputs / "rgba.png").getchannel("A"))
+        np.testing.assert_array_equal(np.asarray(rgba.getchannel("A")), imresize.imresize(alpha, 2))
+
+    def test_missing_input(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            eval_lib.run_upscale(eval_lib.Options(model="bicubic", scale=2), tmp_path / "none.png")
