@@ -453,9 +453,10 @@ def contrastive_loss(
     scores = jnp.einsum("...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision)
     # Rank without gradient, then pick the ranked scores out of T: the gradient reaches T only at
     # the selected entries, as through the authors' sort.
+    # (Taking the values of top_k and slicing them instead lets XLA:CPU rewrite top_k into a full
+    # sort of every row, 7x slower; an optimization_barrier against that deadlocked XLA:CPU in
+    # the full ENLCN step. Indices + take_along_axis are as fast as top_k alone.)
     _, index = lax.top_k(lax.stop_gradient(scores), depth)  # [..., N, depth], descending
-    # Without the barrier XLA:CPU rewrites top_k into a full sort of every row (7x slower).
-    index = lax.optimization_barrier(index)
     top = jnp.take_along_axis(scores, index, axis=-1)  # [..., N, depth]
     positive = jnp.mean(jnp.exp(top[..., :num_positive]), axis=-1)  # [..., N]
     negative = jnp.mean(jnp.exp(top[..., negative_start : negative_start + num_negative]), axis=-1)

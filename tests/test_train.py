@@ -279,3 +279,29 @@ def parse_event(payload):
 def test_crc32c_known_value():
     # RFC 3720 test vector: CRC-32C of 32 zero bytes is 0x8A9136AA.
     assert metric_writers.crc32c(bytes(32)) == 0x8A9136AA
+
+
+def test_full_width_contrastive_step_finishes():
+    # Regression: an optimization_barrier on the top_k indices deadlocked XLA:CPU in this step
+    # (8 ResBlocks × 256 channels, 2 ENLCA blocks, LR patch 48, contrastive on). Run it in a
+    # subprocess with a deadline so a hang fails the test instead of stalling the suite.
+    code = """
+import functools, jax, numpy as np
+from configs import enlca_x4
+from enlca_jax import train_lib
+c = enlca_x4.get_config(); c.model.num_resblocks = 8
+model, tx = train_lib.create_model(c), train_lib.create_optimizer(c)
+state = train_lib.create_train_state(c, model, tx)
+rng = np.random.default_rng(0)
+batch = {"lr": rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8),
+         "hr": rng.integers(0, 256, (1, 192, 192, 3), dtype=np.uint8)}
+step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, axis_name=None, contrastive_weight=1e-3,
+                                 schedule=train_lib.learning_rate_schedule(c), with_contrastive=True))
+state, metrics = step(state, batch)
+print("contrastive", float(metrics["contrastive"]))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) > 0

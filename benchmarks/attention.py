@@ -1,0 +1,138 @@
+"""ENLA versus exact non-local attention: time and memory against the number of positions N.
+
+    python benchmarks/attention.py --json benchmarks/results/attention_cpu.json \
+        --plot benchmarks/results/attention_cpu.png
+    python benchmarks/attention.py --sizes 96 --json OUT.json          # one size
+
+For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch images, it times the
+forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
+skipped where its N×N scores would not fit in --max_exact_gib), and of a whole ENLCA block (256
+channels) in training mode with and without the contrastive term. Memory is XLA's compiled memory
+analysis (arguments + outputs + temporaries) and the process RSS after the case. Also reports ENLA's
+achieved GFLOP/s (XLA-counted FLOPs / time) next to a float32 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import psutil
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from enlca_jax import attention  # noqa: E402
+
+
+def _loss(fn):
+    return lambda q, k, v, f: jnp.sum(fn(q, k, v, f) ** 2)
+
+
+def measure(name, fn, args, repeats):
+    compiled, flops, memory = common.compiled_cost(fn, *args)
+    seconds = common.time_fn(lambda: compiled(*args), repeats=repeats)
+    total = sum(memory.values()) / 2**20
+    return {
+        "case": name, "seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9,
+        "xla_mib": total, "rss_gib": psutil.Process().memory_info().rss / 2**30,
+    }  # fmt: skip
+
+
+def block_case(size, batch, contrastive, repeats):
+    block = attention.ENLCA()
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, 256))
+    variables = block.init(jax.random.key(1), x)
+
+    def loss(params, x):
+        out, aux = block.apply({**variables, "params": params}, x, train=contrastive, mutable=["losses"])
+        total, count = attention.sum_contrastive_losses(aux.get("losses", {}))
+        return jnp.sum(out**2) + (jnp.mean(total) / max(count, 1) if contrastive else 0.0)
+
+    name = f"ENLCA block fwd+bwd{' + contrastive' if contrastive else ''}"
+    return measure(name, jax.grad(loss), (variables["params"], x), repeats)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="32,48,64,96,128,192", help="comma-separated sides s (N = s²)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max_exact_gib", type=float, default=6.0, help="skip exact attention above this")
+    parser.add_argument("--max_contrastive_n", type=int, default=96**2, help="skip the contrastive term above N")
+    parser.add_argument("--json")
+    parser.add_argument("--plot", help="write a log-log plot of time and memory versus N")
+    args = parser.parse_args(argv)
+
+    matmul = common.matmul_gflops()
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        n = size * size
+        keys = jax.random.split(jax.random.key(size), 4)
+        q = attention.l2_normalize(jax.random.normal(keys[0], (args.batch, n, 64))) * math.sqrt(6)
+        k = attention.l2_normalize(jax.random.normal(keys[1], (args.batch, n, 64))) * math.sqrt(6)
+        v = jax.random.normal(keys[2], (args.batch, n, 256))
+        f = attention.orthogonal_random_matrix(keys[3], 128, 64)
+        cases = [("ENLA fwd", attention.efficient_attention),
+                 ("ENLA fwd+bwd", jax.grad(_loss(attention.efficient_attention), argnums=(0, 1, 2)))]  # fmt: skip
+        exact_gib = 3 * args.batch * n * n * 4 / 2**30  # scores, softmax and their gradient
+        if exact_gib <= args.max_exact_gib:
+            cases += [("exact fwd", attention.softmax_attention),
+                      ("exact fwd+bwd", jax.grad(_loss(attention.softmax_attention), argnums=(0, 1, 2)))]  # fmt: skip
+        for name, fn in cases:
+            row = measure(name, fn, (q, k, v, f), args.repeats)
+            rows.append({"n": n, "side": size, **row, "of_matmul": row["gflops_per_s"] / matmul})
+            print(rows[-1], flush=True)
+        for contrastive in (False, True):
+            if contrastive and n > args.max_contrastive_n:
+                continue
+            rows.append({"n": n, "side": size, **block_case(size, args.batch, contrastive, args.repeats)})
+            print(rows[-1], flush=True)
+    print(f"\nbatch {args.batch}, D 64, Cv 256, m 128; float32 matmul 2048²: {matmul:.1f} GFLOP/s")
+    common.print_table(rows, ["n", "case", "seconds", "gflops_per_s", "of_matmul", "xla_mib", "rss_gib"])
+    ratios = {}
+    for n in sorted({r["n"] for r in rows}):
+        by = {r["case"]: r for r in rows if r["n"] == n}
+        if "exact fwd+bwd" in by:
+            ratios[n] = {
+                "speedup_fwd_bwd": by["exact fwd+bwd"]["seconds"] / by["ENLA fwd+bwd"]["seconds"],
+                "memory_ratio_fwd_bwd": by["exact fwd+bwd"]["xla_mib"] / by["ENLA fwd+bwd"]["xla_mib"],
+            }
+            print(f"N = {n}: ENLA fwd+bwd {ratios[n]['speedup_fwd_bwd']:.1f}× faster, "
+                  f"{ratios[n]['memory_ratio_fwd_bwd']:.1f}× less memory than exact attention")  # fmt: skip
+    payload = {"benchmark": "attention", "machine": common.machine_info(), "batch": args.batch,
+               "matmul_gflops_per_s": matmul, "rows": rows, "exact_over_enla": ratios}  # fmt: skip
+    common.write_json(args.json, payload)
+    if args.plot:
+        plot(payload, args.plot)
+    return 0
+
+
+def plot(payload, path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for case in ("ENLA fwd+bwd", "exact fwd+bwd", "ENLCA block fwd+bwd", "ENLCA block fwd+bwd + contrastive"):
+        points = [r for r in payload["rows"] if r["case"] == case]
+        if points:
+            left.loglog([p["n"] for p in points], [p["seconds"] for p in points], "o-", label=case)
+            right.loglog([p["n"] for p in points], [p["xla_mib"] for p in points], "o-", label=case)
+    for ax, label in ((left, "seconds"), (right, "XLA memory (MiB)")):
+        ax.set_xlabel("positions N")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"batch {payload['batch']}, {payload['machine']['device_kind']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Full ENLCN ×4 inference: seconds, megapixels/s, memory; untiled versus tiled global attention.
+
+    python benchmarks/inference.py --json benchmarks/results/inference_cpu.json
+    python benchmarks/inference.py --sizes 128,256 --modes untiled,tiled
+
+For each LR side s (s×s input, batch 1) and mode ('untiled': one jitted forward; 'tiled':
+`inference.predict` with --tile LR tiles and global attention), it reports seconds, LR and SR
+megapixels per second, XLA's counted FLOPs and GFLOP/s next to a float32 matmul of the same run
+(untiled), and the process's peak RSS. Untiled sizes whose activations would not fit in
+--max_untiled_gib are skipped (×4 at LR 1024² needs over 24 GiB for the upsampler alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import psutil
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from enlca_jax import inference, models  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="128,256,512,1024")
+    parser.add_argument("--modes", default="untiled,tiled")
+    parser.add_argument("--tile", type=int, default=128, help="LR tile side for the tiled mode")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--max_untiled_gib", type=float, default=16.0)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    model = models.ENLCN(scale=4)
+    variables = models.init_variables(model, jax.random.key(0))
+    matmul = common.matmul_gflops()
+    rows = []
+    for side in (int(s) for s in args.sizes.split(",")):
+        x = jax.random.uniform(jax.random.key(side), (1, side, side, 3))
+        # Largest live activations: the ×2 upsampler output (4·256 channels at 2× side) and the trunk.
+        estimate_gib = (2 * side) ** 2 * 1024 * 4 * 2 / 2**30 + side**2 * 256 * 4 * 6 / 2**30
+        for mode in args.modes.split(","):
+            row = {"side": side, "mode": mode}
+            if mode == "untiled":
+                if estimate_gib > args.max_untiled_gib:
+                    print(f"skip untiled {side}²: about {estimate_gib:.0f} GiB of activations", flush=True)
+                    continue
+                compiled, flops, memory = common.compiled_cost(lambda v, x: model.apply(v, x), variables, x)
+                seconds = common.time_fn(lambda c=compiled, x=x: c(variables, x), repeats=args.repeats)
+                row.update(gflop=flops / 1e9, gflops_per_s=flops / seconds / 1e9,
+                           of_matmul=flops / seconds / 1e9 / matmul, xla_gib=sum(memory.values()) / 2**30)  # fmt: skip
+            else:
+                inference.predict_tiled(model, variables, jnp.zeros((1, side, side, 3)), args.tile)  # compile
+                start = time.perf_counter()
+                inference.predict_tiled(model, variables, x, args.tile)
+                seconds = time.perf_counter() - start
+            row.update(seconds=seconds, lr_mpix_per_s=side * side / 1e6 / seconds,
+                       sr_mpix_per_s=16 * side * side / 1e6 / seconds,
+                       peak_rss_gib=common.peak_rss_gib(), rss_gib=psutil.Process().memory_info().rss / 2**30)  # fmt: skip
+            rows.append(row)
+            print(row, flush=True)
+    print(f"\nENLCN ×4 inference, batch 1; float32 matmul 2048²: {matmul:.1f} GFLOP/s; tile {args.tile}")
+    common.print_table(rows, ["side", "mode", "seconds", "sr_mpix_per_s", "gflops_per_s", "of_matmul", "xla_gib",
+                              "peak_rss_gib"])  # fmt: skip
+    common.write_json(args.json, {"benchmark": "inference", "machine": common.machine_info(), "tile": args.tile,
+                                  "matmul_gflops_per_s": matmul, "rows": rows})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
