@@ -60,9 +60,10 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 inference.predict_tiled(model, variables, x, args.tile)
                 seconds = time.perf_counter() - start
+            rss = psutil.Process().memory_info().rss / 2**30
             row.update(seconds=seconds, lr_mpix_per_s=side * side / 1e6 / seconds,
-                       sr_mpix_per_s=16 * side * side / 1e6 / seconds,
-                       peak_rss_gib=common.peak_rss_gib(), rss_gib=psutil.Process().memory_info().rss / 2**30)  # fmt: skip
+                       sr_mpix_per_s=16 * side * side / 1e6 / seconds, peak_rss_gib=common.peak_rss_gib(),
+                       rss_gib=rss)  # fmt: skip
             rows.append(row)
             print(row, flush=True)
     print(f"\nENLCN ×4 inference, batch 1; float32 matmul 2048²: {matmul:.1f} GFLOP/s; tile {args.tile}")
