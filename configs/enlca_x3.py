@@ -16,15 +16,8 @@ The ``paper`` variant uses the paper's contrastive counts (n1 = 2 %, n2 = 8 %), 
 warm-up and Adam β2 = 0.99.
 """
 
-from configs import default
-from configs.enlca_x4 import apply_paper_variant
+from configs.enlca_x4 import recipe
 
 
 def get_config(variant: str = ""):
-    config = default.get_config()
-    config.model.scale = 3
-    if variant == "paper":
-        apply_paper_variant(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}: use configs/enlca_x3.py or configs/enlca_x3.py:paper")
-    return config
+    return recipe(3, variant)

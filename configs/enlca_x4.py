@@ -18,18 +18,20 @@ warm-up and Adam β2 = 0.99.
 from configs import default
 
 
-def apply_paper_variant(config):
-    config.contrastive.use_fractions = True
-    config.contrastive.start_step = 150_000
-    config.adam_b2 = 0.99
+def recipe(scale: int, variant: str = ""):
+    """The authors' recipe at ``scale``; ``variant='paper'`` selects the paper's settings."""
+    config = default.get_config()
+    config.model.scale = scale
+    if variant == "paper":
+        config.contrastive.use_fractions = True
+        config.contrastive.start_step = 150_000
+        config.adam_b2 = 0.99
+    elif variant:
+        raise ValueError(
+            f"unknown variant {variant!r}: use configs/enlca_x{scale}.py or configs/enlca_x{scale}.py:paper"
+        )
     return config
 
 
 def get_config(variant: str = ""):
-    config = default.get_config()
-    config.model.scale = 4
-    if variant == "paper":
-        apply_paper_variant(config)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}: use configs/enlca_x4.py or configs/enlca_x4.py:paper")
-    return config
+    return recipe(4, variant)

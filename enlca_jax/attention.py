@@ -222,6 +222,7 @@ def key_summary(
     *,
     mask: Array | None = None,
     eps: float = 1e-4,
+    stabilizer: str | None = None,
     precision: PrecisionLike = None,
 ) -> tuple[Array, Array]:
     """The two sums ENLA needs from the keys: ``phi(K)^T V`` and ``phi(K)^T 1``.
@@ -234,7 +235,8 @@ def key_summary(
       v: [..., L, Cv] values.
       projection: F, [M, D].
       mask: optional [..., L] bool, False for padded keys (left out of both sums).
-      eps, precision: as in `softmax_kernel_features`.
+      eps, stabilizer, precision: as in `softmax_kernel_features` (``'global'`` for keys; a
+        stabilised summary carries its own factor, so only unstabilised ones add across tiles).
 
     Returns:
       kv: [..., M, Cv] and k_sum: [..., M], float32 (or wider).
@@ -244,7 +246,7 @@ def key_summary(
         raise ValueError(f"k [..., L, D] and v [..., L, Cv] disagree: k {k.shape}, v {v.shape}.")
     if mask is not None and tuple(mask.shape) != tuple(k.shape[:-1]):
         raise ValueError(f"mask must be [..., L] = {k.shape[:-1]} (keys), got {mask.shape}.")
-    phi_k = softmax_kernel_features(k, projection, eps=eps, precision=precision)  # [..., L, M]
+    phi_k = softmax_kernel_features(k, projection, eps=eps, stabilizer=stabilizer, precision=precision)  # [..., L, M]
     if mask is not None:
         phi_k = jnp.where(mask[..., None], phi_k, 0.0)
     kv = jnp.einsum("...lm,...lc->...mc", phi_k, v.astype(phi_k.dtype), precision=precision)
@@ -258,6 +260,7 @@ def attend_with_summary(
     projection: Array,
     *,
     eps: float = 1e-4,
+    stabilizer: str | None = None,
     precision: PrecisionLike = None,
 ) -> Array:
     """ENLA output for queries ``q`` given a `key_summary` ``(kv, k_sum)``.
@@ -269,12 +272,13 @@ def attend_with_summary(
       q: [..., N, D].
       summary: (kv [..., M, Cv], k_sum [..., M]).
       projection: F, [M, D].
+      stabilizer: None or ``'row'`` (a per-query factor, cancelled by the ratio).
 
     Returns:
       out: [..., N, Cv] float32 (or wider).
     """
     kv, k_sum = summary
-    phi_q = softmax_kernel_features(q, projection, eps=eps, precision=precision)  # [..., N, M]
+    phi_q = softmax_kernel_features(q, projection, eps=eps, stabilizer=stabilizer, precision=precision)  # [..., N, M]
     numerator = jnp.einsum("...nm,...mc->...nc", phi_q, kv, precision=precision)  # [..., N, Cv]
     denominator = jnp.einsum("...nm,...m->...n", phi_q, k_sum, precision=precision)  # [..., N]
     return numerator / denominator[..., None]
@@ -314,19 +318,13 @@ def efficient_attention(
     """
     _check_qkv(q, k, v, mask)
     _check_projection(q, projection, "q")
-    if not stabilize:
-        summary = key_summary(k, v, projection, mask=mask, eps=eps, precision=precision)
-        out = attend_with_summary(q, summary, projection, eps=eps, precision=precision)
-        return out.astype(v.dtype)
-    phi_q = softmax_kernel_features(q, projection, eps=eps, stabilizer="row", precision=precision)
-    phi_k = softmax_kernel_features(k, projection, eps=eps, stabilizer="global", precision=precision)
-    if mask is not None:
-        phi_k = jnp.where(mask[..., None], phi_k, 0.0)
-    kv = jnp.einsum("...lm,...lc->...mc", phi_k, v.astype(phi_k.dtype), precision=precision)
-    k_sum = jnp.sum(phi_k, axis=-2)  # [..., M]
-    numerator = jnp.einsum("...nm,...mc->...nc", phi_q, kv, precision=precision)  # [..., N, Cv]
-    denominator = jnp.einsum("...nm,...m->...n", phi_q, k_sum, precision=precision)  # [..., N]
-    return (numerator / denominator[..., None]).astype(v.dtype)
+    summary = key_summary(
+        k, v, projection, mask=mask, eps=eps, stabilizer="global" if stabilize else None, precision=precision
+    )
+    out = attend_with_summary(
+        q, summary, projection, eps=eps, stabilizer="row" if stabilize else None, precision=precision
+    )
+    return out.astype(v.dtype)
 
 
 def softmax_attention(
