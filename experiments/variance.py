@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -45,7 +46,7 @@ KINDS = ("iid", "orthogonal")
 class Grid:
     ms: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
     ks: tuple[float, ...] = (1, 2, 4, 6, 8, 12)
-    kernel_draws: int = 2000  # random matrices per (m, k, kind) for the kernel estimator
+    kernel_draws: int = 1000  # random matrices per (m, k, kind) for the kernel estimator
     pairs: int = 32  # (q, k) pairs per data source
     attention_draws: int = 32  # random matrices for the attention error
     grad_draws: int = 64  # random matrices for the gradient statistics
@@ -103,38 +104,46 @@ def image_directions(block, variables, features) -> tuple[jax.Array, jax.Array, 
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("m", "kind"))
+def _kernel_ratios(keys, q, k, m, kind):
+    """φ(q)·φ(k) / exp(q·k) for each key and pair: [draws, P] (compiled once per m, kind)."""
+    target = jnp.exp(jnp.sum(q * k, -1))  # [P]
+
+    def estimate(draw_key):
+        f = attention.random_matrix(draw_key, m, q.shape[-1], kind)
+        phi_q = attention.softmax_kernel_features(q, f, eps=0.0)
+        phi_k = attention.softmax_kernel_features(k, f, eps=0.0)
+        return jnp.sum(phi_q * phi_k, -1) / target
+
+    return jax.vmap(estimate)(keys)
+
+
 def kernel_statistics(u, w, amplification, m, kind, draws, key):
     """Relative bias and variance of φ(q)·φ(k) / exp(q·k) per pair, over ``draws`` matrices.
 
     Returns (bias [P], variance [P], theory variance [P]) with q = √k·u, k = √k·w.
     """
     q, k = math.sqrt(amplification) * u, math.sqrt(amplification) * w
-    target = jnp.exp(jnp.sum(q * k, -1))  # [P]
-
-    @jax.vmap
-    def estimate(draw_key):
-        f = attention.random_matrix(draw_key, m, u.shape[-1], kind)
-        phi_q = attention.softmax_kernel_features(q, f, eps=0.0)
-        phi_k = attention.softmax_kernel_features(k, f, eps=0.0)
-        return jnp.sum(phi_q * phi_k, -1) / target  # [P]
-
-    ratios = np.asarray(jax.jit(estimate)(jax.random.split(key, draws)), np.float64)  # [draws, P]
+    ratios = np.asarray(_kernel_ratios(jax.random.split(key, draws), q, k, m=m, kind=kind), np.float64)
     theory = (np.exp(np.sum(np.asarray(q + k, np.float64) ** 2, -1)) - 1) / m
     return ratios.mean(0) - 1.0, ratios.var(0, ddof=1), theory
 
 
-def attention_errors(q, k, v, m, kind, draws, key):
-    """Per-query relative error ‖ENLA_i − softmax_i‖ / ‖softmax_i‖, [draws, N]."""
+@functools.partial(jax.jit, static_argnames=("m", "kind"))
+def _attention_errors(keys, q, k, v, m, kind):
     exact = attention.softmax_attention(q, k, v)
 
-    @jax.jit
-    @jax.vmap
     def error(draw_key):
         f = attention.random_matrix(draw_key, m, q.shape[-1], kind)
         out = attention.efficient_attention(q, k, v, f)
         return jnp.linalg.norm(out - exact, axis=-1) / jnp.linalg.norm(exact, axis=-1)
 
-    return np.asarray(error(jax.random.split(key, draws)))
+    return jax.vmap(error)(keys)
+
+
+def attention_errors(q, k, v, m, kind, draws, key):
+    """Per-query relative error ‖ENLA_i − softmax_i‖ / ‖softmax_i‖, [draws, N]."""
+    return np.asarray(_attention_errors(jax.random.split(key, draws), q, k, v, m=m, kind=kind))
 
 
 def gradient_statistics(block, variables, features, amplification, m, kind, draws, key):
