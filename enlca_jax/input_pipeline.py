@@ -132,6 +132,10 @@ def train_dataset(
     dataset = dataset.batch(batch_size, drop_remainder=True)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     if worker_count > 0:
+        from absl import flags  # noqa: PLC0415
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use defaults
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter_dataset
 
