@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.feature_type = "orthogonal"  # 'orthogonal' (authors) or 'iid' Gaussian rows of F
     config.model.initializer = "pytorch"  # 'pytorch' (authors' training) or 'flax' default initialisers
     config.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and feature maps stay f32)
+    config.model.conv_impl = "auto"  # conv kernel gradients: 'auto' (tap matmuls on CPU), 'xla', 'tap_matmul'
 
     # --- Contrastive sparse aggregation loss ----------------------------------------------------
     config.contrastive = ml_collections.ConfigDict()
@@ -45,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Data ----------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
     config.data.data_dir = "~/tensorflow_datasets"  # TFDS data_dir (prepare with python -m enlca_jax.datasets)
-    config.data.train = "sr_div2k"  # training dataset (enlca_jax.datasets names)
+    config.data.train = "sr_div2k"  # training dataset (enlca_jax.datasets names; TFDS's own: div2k/bicubic_x4)
     config.data.train_split = "train"
     config.data.validation = "sr_benchmark/Set14"  # validation set, evaluated on whole images
     config.data.validation_split = "test"

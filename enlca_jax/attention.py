@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from enlca_jax import conv as conv_lib
+
 Array = jax.Array
 Dtype = Any
 PrecisionLike = Any
@@ -509,6 +511,8 @@ class ENLCA(nn.Module):
 
     In training mode (``train=True``) the per-example contrastive loss [B] is sown into the
     ``'losses'`` collection under ``'contrastive'`` (ask for it with ``mutable=['losses']``).
+
+    ``conv_impl`` picks how the 1×1 convs' kernel gradients are computed (`enlca_jax.conv.resolve`).
     """
 
     reduction: int = 4
@@ -529,6 +533,7 @@ class ENLCA(nn.Module):
     precision: PrecisionLike = None
     kernel_init: Callable[..., Array] = nn.linear.default_kernel_init
     bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+    conv_impl: str = "auto"
 
     def _conv(self, features: int, name: str) -> nn.Conv:
         return nn.Conv(
@@ -539,6 +544,7 @@ class ENLCA(nn.Module):
             precision=self.precision,
             kernel_init=self.kernel_init,
             bias_init=self.bias_init,
+            conv_general_dilated=conv_lib.resolve(self.conv_impl),
             name=name,
         )
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enlca_jax import attention
+from enlca_jax import conv as conv_lib
 
 Array = jax.Array
 
@@ -163,6 +164,8 @@ class ENLCN(nn.Module):
         nets with res_scale 0.1 were tuned with them) or ``'flax'`` (lecun_normal, zero bias).
       rgb_mean, rgb_range, colors: MeanShift constants and image range.
       dtype, param_dtype, precision: as in flax.linen.Conv (feature maps stay float32).
+      conv_impl: ``'auto'`` (default), ``'xla'`` or ``'tap_matmul'``: how conv kernel gradients are
+        computed (`enlca_jax.conv`; the same function, ≈1.7× faster train steps on CPU).
     """
 
     scale: int = 4
@@ -187,6 +190,7 @@ class ENLCN(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
+    conv_impl: str = "auto"
 
     def _conv_factory(self, kernel: int, fan_in: int) -> Callable[..., nn.Module]:
         if self.initializer == "pytorch":
@@ -204,6 +208,7 @@ class ENLCN(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
+            conv_general_dilated=conv_lib.resolve(self.conv_impl),
             **inits,
         )
 
@@ -248,6 +253,7 @@ class ENLCN(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 precision=self.precision,
+                conv_impl=self.conv_impl,
                 **embed_inits,
             )
             for _ in range(self.num_attention_blocks)

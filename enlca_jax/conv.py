@@ -1,0 +1,188 @@
+"""Convolution with a faster kernel gradient on CPU: a drop-in ``conv_general_dilated`` for flax.
+
+XLA:CPU runs a 3×3 convolution and its input gradient through Eigen's spatial convolution at about
+70 % of the machine's matmul rate, but it lowers the *kernel* gradient (the correlation of the input
+with the output gradient, contracting over batch and space) to a path three times slower: for
+the ENLCN ×4 train step that one op is ~45 % of the time (``benchmarks/conv.py`` measures it).
+
+`conv_general_dilated` below computes the same function as ``jax.lax.conv_general_dilated`` and
+keeps XLA's forward and input gradient, but writes the kernel gradient of a stride-1, undilated,
+ungrouped 2-D NHWC×HWIO convolution as one matmul per kernel tap:
+
+    dW[i, j] = Σ_{b,h,w} x_pad[b, h+i, w+j, :]ᵀ dy[b, h, w, :]        # [C_in, C_out]
+
+(kh·kw dots of [B·H_out·W_out, C_in]ᵀ × [B·H_out·W_out, C_out]). Every other convolution falls
+through to ``jax.lax.conv_general_dilated`` unchanged. Use it with flax as
+``nn.Conv(..., conv_general_dilated=enlca_jax.conv.conv_general_dilated)``; `ENLCN` does so when
+its ``conv_impl`` is ``'tap_matmul'``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+#: Below this many input or output channels the tap matmuls are thin and memory-bound (the ×4 tail
+#: conv, 256 → 3 channels on 192² pixels, runs 2.5× slower that way); XLA's gradient is kept there.
+MIN_TAP_CHANNELS = 16
+
+#: Values of ``conv_impl`` in `ENLCN`, `attention.ENLCA` and the configs.
+CONV_IMPLS = ("auto", "xla", "tap_matmul")
+
+
+def _is_nhwc_hwio(dimension_numbers: Any, ndim: int) -> bool:
+    """True when the dimension numbers mean NHWC input, HWIO kernel, NHWC output."""
+    if ndim != 4:
+        return False
+    try:
+        given = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, dimension_numbers)
+        wanted = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC)
+    except (TypeError, ValueError):
+        return False
+    return tuple(given) == tuple(wanted)
+
+
+def _explicit_padding(padding: Any, in_spatial: Sequence[int], kernel_spatial: Sequence[int]) -> tuple | None:
+    """Padding as ((lo, hi), (lo, hi)) for stride 1, or None if it is not a form handled here."""
+    if isinstance(padding, str):
+        try:
+            pads = lax.padtype_to_pads(in_spatial, kernel_spatial, (1,) * len(in_spatial), padding)
+        except (TypeError, ValueError):
+            return None
+        return tuple((int(lo), int(hi)) for lo, hi in pads)
+    try:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    except (TypeError, ValueError):
+        return None
+    if len(pads) != len(in_spatial) or any(lo < 0 or hi < 0 for lo, hi in pads):
+        return None
+    return pads
+
+
+def _lax_conv(x: Array, w: Array, padding: tuple, precision: Any, preferred_element_type: Any) -> Array:
+    return lax.conv_general_dilated(
+        x,
+        w,
+        (1, 1),
+        padding,
+        dimension_numbers=_NHWC,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def kernel_gradient(x: Array, dy: Array, kernel_shape: Sequence[int], padding: tuple, precision: Any = None) -> Array:
+    """dL/dW of a stride-1 NHWC×HWIO conv: x [B, H, W, Ci], dy [B, Ho, Wo, Co] → [kh, kw, Ci, Co].
+
+    One [B·Ho·Wo, Ci]ᵀ × [B·Ho·Wo, Co] matmul per kernel tap (see the module docstring),
+    accumulated and returned in float32 whatever the input dtype.
+    """
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    batch, ho, wo, co = dy.shape
+    ci = x.shape[-1]
+    # Two batch halves as one batched dot, summed: XLA:CPU runs [2, M/2, C] batched dots ≈8 %
+    # faster than one [M, C]ᵀ[M, C] dot with a very long contraction.
+    chunks = 2 if batch % 2 == 0 else 1
+    x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    dy_rows = dy.reshape(chunks, -1, co)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            patch = x_pad[:, i : i + ho, j : j + wo, :].reshape(chunks, -1, ci)
+            tap = lax.dot_general(
+                patch, dy_rows, (((1,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=jnp.float32
+            )
+            taps.append(tap.sum(0))
+    return jnp.stack(taps).reshape(kh, kw, ci, co)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_same_stride1(x: Array, w: Array, padding: tuple, precision: Any = None, preferred_element_type: Any = None):
+    """Stride-1 NHWC×HWIO conv ``x [B, H, W, Ci] * w [kh, kw, Ci, Co] → [B, Ho, Wo, Co]`` with
+    explicit ``padding`` ((lo, hi), (lo, hi)); its kernel gradient is `kernel_gradient`."""
+    return _lax_conv(x, w, padding, precision, preferred_element_type)
+
+
+def _conv_fwd(x, w, padding, precision, preferred_element_type):
+    return _lax_conv(x, w, padding, precision, preferred_element_type), (x, w)
+
+
+def _conv_bwd(padding, precision, preferred_element_type, residuals, dy):
+    x, w = residuals
+    (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, padding, precision, None), x)(dy.astype(x.dtype))
+    dw = kernel_gradient(x, dy.astype(x.dtype), w.shape, padding, precision).astype(w.dtype)
+    return dx, dw
+
+
+conv2d_same_stride1.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """``jax.lax.conv_general_dilated`` with the tap-matmul kernel gradient where it applies.
+
+    Applies to 2-D convolutions with NHWC input, HWIO kernel, NHWC output, stride 1, no dilation,
+    one group and at least `MIN_TAP_CHANNELS` input and output channels; everything else is
+    passed to ``jax.lax.conv_general_dilated`` as is.
+    """
+    ones = (1,) * (lhs.ndim - 2)
+    pads = None
+    if (
+        _is_nhwc_hwio(dimension_numbers, lhs.ndim)
+        and tuple(window_strides) == ones
+        and tuple(lhs_dilation or ones) == ones
+        and tuple(rhs_dilation or ones) == ones
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and min(rhs.shape[2], rhs.shape[3]) >= MIN_TAP_CHANNELS
+    ):
+        pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[0:2])
+    if pads is None:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    return conv2d_same_stride1(lhs, rhs, pads, precision, preferred_element_type)
+
+
+def resolve(conv_impl: str) -> Any:
+    """The ``conv_general_dilated`` for ``nn.Conv`` named by ``conv_impl`` (None: flax's default).
+
+    ``'xla'``: ``jax.lax.conv_general_dilated`` for everything. ``'tap_matmul'``: `conv_general_dilated`
+    above. ``'auto'``: ``'tap_matmul'`` when the default backend is the CPU (where it is faster) and
+    ``'xla'`` on GPU/TPU, whose convolution libraries have fast kernel gradients of their own.
+    """
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+    if conv_impl == "auto":
+        conv_impl = "tap_matmul" if jax.default_backend() == "cpu" else "xla"
+    return conv_general_dilated if conv_impl == "tap_matmul" else None

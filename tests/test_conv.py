@@ -1,0 +1,131 @@
+"""enlca_jax.conv: the tap-matmul kernel gradient equals XLA's, and everything else falls through."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from enlca_jax import conv, models
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def value_and_grads(conv_fn, x, w, cotangent, **kwargs):
+    def f(x, w):
+        return jnp.sum(conv_fn(x, w, **kwargs).astype(jnp.float32) * cotangent)
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+
+
+def random(shape, seed, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "kernel,padding,in_size",
+    [
+        ((3, 3), "SAME", (9, 7)),
+        ((1, 1), "SAME", (6, 6)),
+        ((3, 3), "VALID", (8, 9)),
+        ((2, 2), "SAME", (6, 5)),  # asymmetric SAME padding (0, 1)
+        ((3, 3), ((2, 0), (1, 3)), (7, 6)),
+        ((5, 3), ((2, 2), (1, 1)), (8, 8)),
+    ],
+)
+def test_matches_lax_values_and_gradients(kernel, padding, in_size):
+    x = random((2, *in_size, 16), 0)
+    w = random((*kernel, 16, 24), 1) * 0.1
+    args = {"window_strides": (1, 1), "padding": padding, "dimension_numbers": NHWC}
+    out_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, **args)).shape
+    cotangent = random(out_shape, 2)
+    ref_value, (ref_dx, ref_dw) = value_and_grads(jax.lax.conv_general_dilated, x, w, cotangent, **args)
+    value, (dx, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+
+
+def test_tap_path_is_taken_for_eligible_convs():
+    x, w = random((1, 6, 6, 16), 0), random((3, 3, 16, 16), 1)
+    jaxpr = jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC))
+    assert "custom_vjp_call" in str(jaxpr(x, w))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"window_strides": (2, 2)},
+        {"rhs_dilation": (2, 2)},
+        {"lhs_dilation": (2, 1), "padding": ((1, 1), (1, 1))},
+        {"feature_group_count": 2},
+        {"in_channels": 3},  # too few channels: the thin tap matmuls would be slower
+        {"out_channels": 3},
+        {"dimension_numbers": ("NCHW", "OIHW", "NCHW")},
+    ],
+)
+def test_other_convs_fall_through_to_lax(case):
+    case = dict(case)
+    cin, cout = case.pop("in_channels", 16), case.pop("out_channels", 16)
+    numbers = case.pop("dimension_numbers", NHWC)
+    groups = case.get("feature_group_count", 1)
+    if numbers == NHWC:
+        x, w = random((2, 8, 8, cin), 0), random((3, 3, cin // groups, cout), 1)
+    else:
+        x, w = random((2, cin, 8, 8), 0), random((cout, cin, 3, 3), 1)
+    kwargs = {"window_strides": (1, 1), "padding": "SAME", "dimension_numbers": numbers} | case
+    jaxpr = jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, **kwargs))(x, w)
+    assert "custom_vjp_call" not in str(jaxpr)
+    expected = jax.lax.conv_general_dilated(x, w, **kwargs)
+    np.testing.assert_array_equal(conv.conv_general_dilated(x, w, **kwargs), expected)
+
+
+def test_bfloat16_kernel_gradient_is_accumulated_in_float32():
+    x, w = random((4, 12, 12, 32), 0, jnp.bfloat16), random((3, 3, 32, 32), 1, jnp.bfloat16)
+    cotangent = random((4, 12, 12, 32), 2)
+    args = {"window_strides": (1, 1), "padding": "SAME", "dimension_numbers": NHWC}
+    _, (_, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
+    assert dw.dtype == jnp.bfloat16
+    exact = conv.kernel_gradient(
+        x.astype(jnp.float32), cotangent.astype(jnp.bfloat16).astype(jnp.float32), w.shape, ((1, 1), (1, 1))
+    )
+    np.testing.assert_allclose(np.asarray(dw, np.float32), exact, rtol=1e-2, atol=1e-2 * float(jnp.abs(exact).max()))
+
+
+def test_flax_conv_accepts_it():
+    layer = nn.Conv(20, (3, 3), conv_general_dilated=conv.conv_general_dilated)
+    x = random((2, 7, 7, 16), 0)
+    variables = layer.init(jax.random.key(0), x)
+    reference = nn.Conv(20, (3, 3)).apply(variables, x)
+    np.testing.assert_allclose(layer.apply(variables, x), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_enlcn_gradients_do_not_depend_on_conv_impl():
+    x = random((2, 12, 12, 3), 0) * 0.2 + 0.5
+    target = random((2, 24, 24, 3), 1) * 0.2 + 0.5
+    grads = {}
+    for impl in ("xla", "tap_matmul"):
+        model = models.ENLCN_TINY(scale=2, conv_impl=impl)
+        variables = models.init_variables(model, jax.random.key(3))
+
+        def loss(params, model=model, variables=variables):
+            sr, losses = model.apply({**variables, "params": params}, x, train=True, mutable=["losses"])
+            contrastive = sum(jnp.mean(v) for v in jax.tree_util.tree_leaves(losses))
+            return jnp.mean(jnp.abs(sr - target)) + 1e-3 * contrastive
+
+        grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
+    flat_xla = jax.tree_util.tree_leaves_with_path(grads["xla"])
+    flat_tap = jax.tree_util.tree_leaves(grads["tap_matmul"])
+    for (path, a), b in zip(flat_xla, flat_tap, strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * float(jnp.abs(a).max()) + 1e-9, err_msg=str(path))
+
+
+def test_resolve():
+    assert conv.resolve("xla") is None
+    assert conv.resolve("tap_matmul") is conv.conv_general_dilated
+    expected = conv.conv_general_dilated if jax.default_backend() == "cpu" else None
+    assert conv.resolve("auto") is expected
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        conv.resolve("cudnn")
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        models.ENLCN_TINY(conv_impl="fast").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
