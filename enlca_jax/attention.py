@@ -181,6 +181,14 @@ def softmax_kernel_features(
     Returns:
       phi: [..., N, M], dtype float32 (or wider).
     """
+    features, _ = _features_and_shift(x, projection, eps, stabilizer, precision)
+    return features
+
+
+def _features_and_shift(
+    x: Array, projection: Array, eps: float, stabilizer: str | None, precision: PrecisionLike
+) -> tuple[Array, Array]:
+    """`softmax_kernel_features` and its (non-differentiated) shift c: [..., N, M] and [..., N|1, 1]."""
     _check_projection(x, projection, "x")
     dtype = _feature_dtype(x)
     x = x.astype(dtype)
@@ -189,6 +197,7 @@ def softmax_kernel_features(
     logits = proj - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)  # [..., N, M]
     if stabilizer is None:
         features = jnp.exp(logits) + eps
+        shift = jnp.zeros(logits.shape[:-2] + (1, 1), dtype)
     else:
         if stabilizer == "row":
             shift = jnp.max(logits, axis=-1, keepdims=True)  # [..., N, 1]
@@ -199,7 +208,24 @@ def softmax_kernel_features(
         shift = lax.stop_gradient(shift)
         # exp(-c) * (exp(logits) + eps): the factor exp(-c) cancels in the attention ratio.
         features = jnp.exp(logits - shift) + eps * jnp.exp(-shift)
-    return features / math.sqrt(num_features)
+    return features / math.sqrt(num_features), shift
+
+
+def _features_vjp(
+    x: Array, projection: Array, features: Array, shift: Array, d_features: Array, eps: float, precision: PrecisionLike
+) -> tuple[Array, Array]:
+    """Cotangents of x [..., N, D] and F [M, D] given those of the features [..., N, M].
+
+    phi = (exp(l - c) + eps·exp(-c)) / sqrt(M) with l = F x - |x|²/2 and c constant, so
+    dl = dphi · (phi - eps·exp(-c)/sqrt(M)), dx = dl F - x Σ_m dl, dF = Σ dlᵀ x.
+    """
+    dtype = features.dtype
+    x32 = x.astype(dtype)
+    d_logits = d_features * (features - eps * jnp.exp(-shift) / math.sqrt(projection.shape[0]))
+    dx = jnp.einsum("...nm,md->...nd", d_logits, projection.astype(dtype), precision=precision)
+    dx = dx - x32 * jnp.sum(d_logits, axis=-1, keepdims=True)
+    d_projection = jnp.einsum("...nm,...nd->md", d_logits, x32, precision=precision)
+    return dx.astype(x.dtype), d_projection.astype(projection.dtype)
 
 
 def _check_qkv(q: Array, k: Array, v: Array, mask: Array | None) -> None:
@@ -317,16 +343,64 @@ def efficient_attention(
 
     Returns:
       out: [..., N, Cv] in the dtype of ``v``.
+
+    Differentiable in q, k, v and F with a hand-written backward that keeps no [N, Cv] array
+    besides the cotangent (the N×M feature maps are recomputed): the same gradients as autodiff,
+    in less memory.
     """
     _check_qkv(q, k, v, mask)
     _check_projection(q, projection, "q")
+    return _enla(q, k, v, projection, mask, eps, stabilize, precision).astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _enla(q, k, v, projection, mask, eps, stabilize, precision):
+    out, _ = _enla_fwd(q, k, v, projection, mask, eps, stabilize, precision)
+    return out
+
+
+def _enla_fwd(q, k, v, projection, mask, eps, stabilize, precision):
+    """ENLA forward; keeps only the inputs and the small sums (kv, k_sum, 1/den) for the backward."""
     summary = key_summary(
         k, v, projection, mask=mask, eps=eps, stabilizer="global" if stabilize else None, precision=precision
     )
-    out = attend_with_summary(
-        q, summary, projection, eps=eps, stabilizer="row" if stabilize else None, precision=precision
-    )
-    return out.astype(v.dtype)
+    kv, k_sum = summary
+    phi_q, _ = _features_and_shift(q, projection, eps, "row" if stabilize else None, precision)
+    numerator = jnp.einsum("...nm,...mc->...nc", phi_q, kv, precision=precision)  # [..., N, Cv]
+    inv_den = 1.0 / jnp.einsum("...nm,...m->...n", phi_q, k_sum, precision=precision)  # [..., N]
+    return numerator * inv_den[..., None], (q, k, v, projection, mask, kv, k_sum, inv_den)
+
+
+def _enla_bwd(eps, stabilize, precision, residuals, g):
+    """Backward of ``out = phi_q kv / (phi_q · k_sum)`` with only N×M temporaries besides g.
+
+    With G = g kvᵀ [N, M] and s = Σ_m phi_q G / den²: dphi_q = G / den - s k_sumᵀ,
+    dkv = (phi_q / den)ᵀ g, dk_sum = -phi_qᵀ s, dphi_k = v dkvᵀ + dk_sum, dv = phi_k dkv.
+    The feature maps are recomputed (cheaper than keeping two [N, M] arrays per call).
+    """
+    q, k, v, projection, mask, kv, k_sum, inv_den = residuals
+    phi_q, shift_q = _features_and_shift(q, projection, eps, "row" if stabilize else None, precision)
+    g = g.astype(phi_q.dtype)
+    gk = jnp.einsum("...nc,...mc->...nm", g, kv, precision=precision)  # [..., N, M]
+    s = jnp.sum(phi_q * gk, axis=-1) * inv_den * inv_den  # [..., N]
+    d_phi_q = gk * inv_den[..., None] - s[..., None] * k_sum[..., None, :]
+    d_kv = jnp.einsum("...nm,...nc->...mc", phi_q * inv_den[..., None], g, precision=precision)  # [..., M, Cv]
+    d_k_sum = -jnp.einsum("...nm,...n->...m", phi_q, s, precision=precision)  # [..., M]
+    dq, d_proj_q = _features_vjp(q, projection, phi_q, shift_q, d_phi_q, eps, precision)
+
+    phi_k, shift_k = _features_and_shift(k, projection, eps, "global" if stabilize else None, precision)
+    if mask is not None:
+        phi_k = jnp.where(mask[..., None], phi_k, 0.0)
+    d_phi_k = jnp.einsum("...lc,...mc->...lm", v.astype(phi_k.dtype), d_kv, precision=precision)
+    d_phi_k = d_phi_k + d_k_sum[..., None, :]
+    if mask is not None:
+        d_phi_k = jnp.where(mask[..., None], d_phi_k, 0.0)
+    dv = jnp.einsum("...lm,...mc->...lc", phi_k, d_kv, precision=precision).astype(v.dtype)
+    dk, d_proj_k = _features_vjp(k, projection, phi_k, shift_k, d_phi_k, eps, precision)
+    return dq, dk, dv, d_proj_q + d_proj_k, None
+
+
+_enla.defvjp(_enla_fwd, _enla_bwd)
 
 
 def softmax_attention(
