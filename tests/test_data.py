@@ -102,6 +102,72 @@ class TestBuilders:
             datasets.get_builder("sr_benchmark/Set6", tmp_path)
 
 
+class TestOfficialDiv2k:
+    """TFDS's own ``div2k`` builder, prepared here from local PNGs (its real preparation downloads)."""
+
+    @staticmethod
+    def prepare_fake(data_dir, rng, file_format="array_record"):
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+
+        official = tfds.builder_cls("div2k")
+        images = {}
+        for split, count in (("train", 3), ("validation", 2)):
+            images[split] = []
+            for _ in range(count):
+                hr = random_image(rng, 40, 52)
+                images[split].append((hr, imresize.bicubic_downscale(hr, 4)))
+
+        with tfds.core.registered.skip_registration():
+
+            class LocalDiv2k(official):
+                name = "div2k"
+
+                def _split_generators(self, dl_manager):
+                    return {split: self._generate_examples(pairs) for split, pairs in images.items()}
+
+                def _generate_examples(self, pairs):
+                    for index, (hr, lr) in enumerate(pairs):
+                        key = f"{index + 1:04d}x4.png"
+                        yield key, {"lr": image_io.encode_png(lr), "hr": image_io.encode_png(hr)}
+
+        LocalDiv2k(config="bicubic_x4", data_dir=str(data_dir), file_format=file_format).download_and_prepare()
+        return images
+
+    def test_reads_official_array_record_without_tensorflow(self, tmp_path):
+        images = self.prepare_fake(tmp_path, np.random.default_rng(5))
+        source = datasets.load_split("div2k/bicubic_x4", "train", tmp_path, scale=4)
+        assert len(source) == 3
+        assert "tensorflow" not in sys.modules
+        stored = {image_io.encode_png(source[i]["hr"]): source[i] for i in range(3)}
+        for hr, lr in images["train"]:
+            np.testing.assert_array_equal(stored[image_io.encode_png(hr)]["lr_x4"], lr)
+        batches = input_pipeline.train_dataset(source, scale=4, patch_size=8, batch_size=2, seed=0)
+        batch = next(iter(batches))
+        assert batch["lr"].shape == (2, 8, 8, 3) and batch["hr"].shape == (2, 32, 32, 3)
+        validation = datasets.load_split("div2k/bicubic_x4", "validation", tmp_path)
+        evaluated = list(input_pipeline.eval_examples(validation, 4))
+        assert [e.name for e in evaluated] == ["validation_0000", "validation_0001"]
+
+    def test_official_errors(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="never downloads.*tfds build div2k --config bicubic_x4"):
+            datasets.load_split("div2k/bicubic_x4", "train", tmp_path)
+        with pytest.raises(ValueError, match="bicubic_x2/3/4"):
+            datasets.load_split("div2k/bicubic_x8", "train", tmp_path)
+        self.prepare_fake(tmp_path, np.random.default_rng(6))
+        with pytest.raises(ValueError, match="holds ×4 LR images, but scale 2"):
+            datasets.load_split("div2k/bicubic_x4", "train", tmp_path, scale=2)
+        with pytest.raises(ValueError, match="has splits"):
+            datasets.load_split("div2k/bicubic_x4", "test", tmp_path)
+
+    def test_official_tfrecord_without_tensorflow_says_how_to_convert(self, tmp_path, monkeypatch):
+        self.prepare_fake(tmp_path, np.random.default_rng(7))
+        info = next((tmp_path / "div2k" / "bicubic_x4").glob("*/dataset_info.json"))
+        info.write_text(info.read_text().replace('"fileFormat": "array_record"', '"fileFormat": "tfrecord"'))
+        monkeypatch.setattr(datasets, "_has_tensorflow", lambda: False)
+        with pytest.raises(RuntimeError, match="only TensorFlow can read.*tfds convert_format --dataset_version_dir"):
+            datasets.load_split("div2k/bicubic_x4", "train", tmp_path)
+
+
 class TestImageIO:
     def test_conversions(self, tmp_path):
         rng = np.random.default_rng(3)

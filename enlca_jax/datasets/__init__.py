@@ -14,6 +14,13 @@ Builders (each read back with `load_split`, always ``download=False``; nothing i
 | ``sr_div2k`` | ``DIV2K_{train,valid}_HR/``, optional ``DIV2K_{train,valid}_LR_bicubic/X<s>/`` | train, val. |
 | ``sr_folder/<name>`` | any folder of HR images (or ``<folder>/HR``) | train |
 | ``sr_skimage`` | none: photographs shipped inside scikit-image (the embedded default) | train, validation |
+| ``div2k/bicubic_x<s>`` | TFDS's own ``div2k`` dataset, if you prepared it with TFDS (see below) | train, val. |
+
+TFDS's official ``div2k`` (configs ``bicubic_x2/3/4``, ``unknown_x2/3/4``, ``realistic_*_x4``) is
+read as it is when it was prepared in ``array_record`` format. Prepared in TFDS's default
+``tfrecord`` format, it is converted to ``array_record`` once, beside the original files; that
+needs TensorFlow (``tfds convert_format``), reading afterwards does not. Its examples have only
+the config's LR scale and no file names (they are named ``<split>_<index>``).
 
 Prepare from the command line (once)::
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -251,6 +259,82 @@ def prepare(
     return builder
 
 
+#: The official TFDS DIV2K builder's name and the configs whose LR scale we can train on.
+OFFICIAL_DIV2K = "div2k"
+OFFICIAL_DIV2K_CONFIG = re.compile(r"(bicubic|unknown)_x([234])|realistic_(mild|difficult|wild)_x(4)")
+
+
+class OfficialDiv2kSource:
+    """TFDS's ``div2k`` examples ``{'lr', 'hr'}`` as our ``{'name', 'greyscale', 'hr', 'lr_x<s>'}``."""
+
+    def __init__(self, source: Any, scale: int, split: str):
+        self.source, self.scale, self.split = source, scale, split
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.source[index]
+        return {
+            "name": f"{self.split}_{index:04d}",
+            "greyscale": False,
+            "hr": example["hr"],
+            lr_key(self.scale): example["lr"],
+        }
+
+
+def _has_tensorflow() -> bool:
+    try:
+        import tensorflow  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def _convert_to_array_record(version_dir: pathlib.Path) -> None:
+    from tensorflow_datasets.scripts.cli import convert_format_utils  # noqa: PLC0415
+
+    convert_format_utils.convert_dataset(
+        out_dir=None, out_file_format="array_record", dataset_version_dir=os.fspath(version_dir), num_workers=1
+    )
+
+
+def load_official_div2k(name: str, split: str, data_dir: str | os.PathLike, scale: int | None = None) -> Any:
+    """TFDS's own ``div2k/<config>`` (prepared by TFDS in ``data_dir``) as a random-access source."""
+    config = name.partition("/")[2]
+    match = OFFICIAL_DIV2K_CONFIG.fullmatch(config)
+    if match is None:
+        raise ValueError(
+            f"{name!r}: use one of TFDS's div2k configs with a ×2/×3/×4 LR set, e.g. 'div2k/bicubic_x4' "
+            "(bicubic_x2/3/4, unknown_x2/3/4, realistic_mild/difficult/wild_x4)."
+        )
+    config_scale = int(match.group(2) or match.group(4))
+    if scale is not None and scale != config_scale:
+        raise ValueError(f"{name} holds ×{config_scale} LR images, but scale {scale} was asked for.")
+    dataset_dir = pathlib.Path(os.fspath(data_dir)) / OFFICIAL_DIV2K / config
+    if not any(dataset_dir.glob("*/dataset_info.json")):
+        raise FileNotFoundError(
+            f"TFDS's {name} is not prepared in {data_dir} (enlca_jax never downloads). Either prepare it with "
+            f"TFDS yourself (`tfds build div2k --config {config} --data_dir {data_dir}`; this needs TensorFlow "
+            "and downloads DIV2K), or prepare our sr_div2k from your DIV2K folders: python -m enlca_jax.datasets "
+            f"--source DIR --data_dir {data_dir}   ({DIV2K_LAYOUT})"
+        )
+    builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+    formats = {builder.info.file_format, *builder.info.alternative_file_formats}
+    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+        if not _has_tensorflow():
+            raise RuntimeError(
+                f"TFDS's {name} in {builder.data_dir} is stored as {builder.info.file_format.value}, which only "
+                "TensorFlow can read. Convert it once (needs TensorFlow): tfds convert_format "
+                f"--dataset_version_dir {builder.data_dir} --out_file_format array_record"
+            )
+        _convert_to_array_record(pathlib.Path(os.fspath(builder.data_dir)))
+    builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
+    if split not in builder.info.splits:
+        raise ValueError(f"dataset {name} has splits {list(builder.info.splits)}, not {split!r}.")
+    return OfficialDiv2kSource(builder.as_data_source(split=split), config_scale, split)
+
+
 def load_split(name: str, split: str, data_dir: str | os.PathLike, scale: int | None = None) -> Any:
     """A random-access source (``len`` and ``[i]`` → example dict of numpy arrays) of a prepared split.
 
@@ -258,8 +342,11 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike, scale: int | 
     saves decoding time in training.
 
     ``sr_skimage`` is prepared on first use (it needs no files); every other dataset must have
-    been prepared, else FileNotFoundError says the command that prepares it.
+    been prepared, else FileNotFoundError says the command that prepares it. ``div2k/<config>``
+    reads TFDS's own DIV2K (`load_official_div2k`).
     """
+    if name.partition("/")[0] == OFFICIAL_DIV2K:
+        return load_official_div2k(name, split, data_dir, scale)
     builder = get_builder(name, data_dir)
     if not is_prepared(builder):
         if name == "sr_skimage":
