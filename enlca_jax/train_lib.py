@@ -334,25 +334,43 @@ def _progress(config: ml_collections.ConfigDict, initial: int, total: int):
     return None
 
 
-def validate(
-    model: models.ENLCN, variables: Any, config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int
-) -> dict[str, float]:
-    """Y-PSNR/SSIM of the model and of MATLAB bicubic on the validation split; writes sample PNGs."""
-    source = datasets.load_split(
-        config.data.validation, config.data.validation_split, _data_dir(config), scale=model.scale
-    )
-    images = list(input_pipeline.eval_examples(source, model.scale))
-    if config.data.validation_images > 0:
-        images = images[: config.data.validation_images]
-    samples = workdir / "samples" / f"{step:08d}"
+class Validator:
+    """Y-PSNR/SSIM of the model next to MATLAB bicubic on the validation split; writes sample PNGs.
 
-    def save_sample(image, sr):
-        if len(list(samples.glob("*.png"))) < config.num_sample_images:
-            image_io.write_png(samples / f"{image.name}.png", sr)
+    The split is read and decoded, and bicubic's scores computed, once per run (at construction);
+    each call only runs the model.
+    """
 
-    ours = eval_lib.evaluate(eval_lib.model_upscaler(model, variables), images, model.scale, save_sample)
-    bicubic = eval_lib.evaluate(eval_lib.bicubic_upscaler(model.scale), images, model.scale)
-    return {"psnr": ours.psnr, "ssim": ours.ssim, "bicubic_psnr": bicubic.psnr, "bicubic_ssim": bicubic.ssim}
+    def __init__(self, config: ml_collections.ConfigDict, scale: int, workdir: pathlib.Path):
+        data = config.data
+        source = datasets.load_split(data.validation, data.validation_split, _data_dir(config), scale=scale)
+        self.images = list(input_pipeline.eval_examples(source, scale))
+        if config.data.validation_images > 0:
+            self.images = self.images[: config.data.validation_images]
+        self.scale = scale
+        self.num_samples = config.num_sample_images
+        self.samples_dir = workdir / "samples"
+        self._bicubic: eval_lib.SetResult | None = None
+
+    @property
+    def bicubic(self) -> eval_lib.SetResult:
+        if self._bicubic is None:
+            self._bicubic = eval_lib.evaluate(eval_lib.bicubic_upscaler(self.scale), self.images, self.scale)
+        return self._bicubic
+
+    def __call__(self, model: models.ENLCN, variables: Any, step: int) -> dict[str, float]:
+        folder = self.samples_dir / f"{step:08d}"
+        written = 0
+
+        def save_sample(image, sr):
+            nonlocal written
+            if written < self.num_samples:
+                image_io.write_png(folder / f"{image.name}.png", sr)
+                written += 1
+
+        ours = eval_lib.evaluate(eval_lib.model_upscaler(model, variables), self.images, self.scale, save_sample)
+        bicubic = self.bicubic
+        return {"psnr": ours.psnr, "ssim": ours.ssim, "bicubic_psnr": bicubic.psnr, "bicubic_ssim": bicubic.ssim}
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -452,6 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     progress = _progress(config, start_step, config.num_train_steps)
     with_attention = bool(state.random_features)
     last_eval: dict[str, float] = {}
+    validator: Validator | None = None  # built at the first validation: reads the split once
     step = start_step
     timer, timer_step = time.time(), step
 
@@ -505,7 +524,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 variables = {"params": host.params, attention.FEATURE_COLLECTION: host.random_features}
                 if not host.random_features:
                     variables.pop(attention.FEATURE_COLLECTION)
-                last_eval = validate(model, variables, config, workdir, step)
+                if validator is None:
+                    validator = Validator(config, model.scale, workdir)
+                last_eval = validator(model, variables, step)
                 writer.write_scalars(step, {f"val_{k}": v for k, v in last_eval.items()})
                 if is_main:
                     log.info(
