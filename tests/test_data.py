@@ -1,5 +1,9 @@
 """TFDS builders (array_record, no TensorFlow), image reading, and the grain pipeline."""
 
+import importlib.util
+import pathlib
+import struct
+import subprocess
 import sys
 
 import numpy as np
@@ -159,12 +163,69 @@ class TestOfficialDiv2k:
         with pytest.raises(ValueError, match="has splits"):
             datasets.load_split("div2k/bicubic_x4", "test", tmp_path)
 
-    def test_official_tfrecord_without_tensorflow_says_how_to_convert(self, tmp_path, monkeypatch):
-        self.prepare_fake(tmp_path, np.random.default_rng(7))
-        info = next((tmp_path / "div2k" / "bicubic_x4").glob("*/dataset_info.json"))
+    @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
+    def test_official_tfrecord_is_converted_with_tensorflow(self, tmp_path):
+        # TFRecord shards written by TensorFlow itself. In a subprocess: importing TensorFlow here
+        # would break the no-TensorFlow checks of the other tests.
+        script = f"""
+import sys, pathlib
+import numpy as np
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+from test_data import TestOfficialDiv2k
+from enlca_jax import datasets, image_io
+data_dir = pathlib.Path({str(tmp_path)!r})
+images = TestOfficialDiv2k.prepare_fake(data_dir, np.random.default_rng(9), file_format="tfrecord")
+assert not list(data_dir.rglob("*.array_record*"))
+source = datasets.load_split("div2k/bicubic_x4", "train", data_dir, scale=4)
+stored = {{image_io.encode_png(source[i]["hr"]): source[i]["lr_x4"] for i in range(len(source))}}
+assert len(stored) == 3
+for hr, lr in images["train"]:
+    np.testing.assert_array_equal(stored[image_io.encode_png(hr)], lr)
+assert len(datasets.load_split("div2k/bicubic_x4", "validation", data_dir)) == 2
+print("converted", sorted(p.name for p in data_dir.rglob("*.array_record*")))
+"""
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "converted ['div2k-train.array_record" in result.stdout
+
+    @staticmethod
+    def rewrite_as_tfrecord(data_dir):
+        """Turn the prepared array_record shards into TFRecord-framed shards (as TFDS's default)."""
+        from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+        version_dir = next((data_dir / "div2k" / "bicubic_x4").glob("*/dataset_info.json")).parent
+        for shard in version_dir.glob("*.array_record-*"):
+            reader = ArrayRecordReader(str(shard))
+            records = reader.read_all()
+            reader.close()
+            framed = b"".join(struct.pack("<Q", len(r)) + b"\0" * 4 + r + b"\0" * 4 for r in records)
+            (version_dir / shard.name.replace(".array_record-", ".tfrecord-")).write_bytes(framed)
+            shard.unlink()
+        info = version_dir / "dataset_info.json"
         info.write_text(info.read_text().replace('"fileFormat": "array_record"', '"fileFormat": "tfrecord"'))
-        monkeypatch.setattr(datasets, "_has_tensorflow", lambda: False)
-        with pytest.raises(RuntimeError, match="only TensorFlow can read.*tfds convert_format --dataset_version_dir"):
+        return version_dir
+
+    def test_official_tfrecord_is_converted_without_tensorflow(self, tmp_path):
+        images = self.prepare_fake(tmp_path, np.random.default_rng(7))
+        version_dir = self.rewrite_as_tfrecord(tmp_path)
+        source = datasets.load_split("div2k/bicubic_x4", "train", tmp_path, scale=4)
+        assert "tensorflow" not in sys.modules
+        stored = {image_io.encode_png(source[i]["hr"]): source[i]["lr_x4"] for i in range(len(source))}
+        for hr, lr in images["train"]:
+            np.testing.assert_array_equal(stored[image_io.encode_png(hr)], lr)
+        assert sorted(p.name for p in version_dir.glob("*.array_record-*")) == [
+            "div2k-train.array_record-00000-of-00001",
+            "div2k-validation.array_record-00000-of-00001",
+        ]
+        assert not list(version_dir.glob(".*partial"))
+        assert len(datasets.load_split("div2k/bicubic_x4", "validation", tmp_path)) == 2  # reuses the copy
+
+    def test_truncated_tfrecord_is_named(self, tmp_path):
+        self.prepare_fake(tmp_path, np.random.default_rng(8))
+        version_dir = self.rewrite_as_tfrecord(tmp_path)
+        shard = next(version_dir.glob("div2k-train.tfrecord-*"))
+        shard.write_bytes(shard.read_bytes()[:-100])
+        with pytest.raises(ValueError, match=f"{shard.name}: truncated TFRecord"):
             datasets.load_split("div2k/bicubic_x4", "train", tmp_path)
 
 

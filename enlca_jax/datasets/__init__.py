@@ -18,9 +18,9 @@ Builders (each read back with `load_split`, always ``download=False``; nothing i
 
 TFDS's official ``div2k`` (configs ``bicubic_x2/3/4``, ``unknown_x2/3/4``, ``realistic_*_x4``) is
 read as it is when it was prepared in ``array_record`` format. Prepared in TFDS's default
-``tfrecord`` format, it is converted to ``array_record`` once, beside the original files; that
-needs TensorFlow (``tfds convert_format``), reading afterwards does not. Its examples have only
-the config's LR scale and no file names (they are named ``<split>_<index>``).
+``tfrecord`` format, its shards are copied once into ``array_record`` files beside the originals
+(same serialized examples; no TensorFlow needed). Its examples have only the config's LR scale
+and no file names (they are named ``<split>_<index>``).
 
 Prepare from the command line (once)::
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -283,20 +284,44 @@ class OfficialDiv2kSource:
         }
 
 
-def _has_tensorflow() -> bool:
-    try:
-        import tensorflow  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
+def tfrecord_records(path: str | os.PathLike) -> Iterator[bytes]:
+    """The records of a TFRecord file, read without TensorFlow (length-prefixed framing; CRCs are
+    not checked: a corrupt image fails later at PNG decoding, naming the dataset)."""
+    with open(path, "rb") as handle:
+        while header := handle.read(12):
+            if len(header) < 12:
+                raise ValueError(f"{path}: truncated TFRecord file (partial record header).")
+            (length,) = struct.unpack("<Q", header[:8])
+            data = handle.read(length)
+            if len(data) < length or len(handle.read(4)) < 4:
+                raise ValueError(f"{path}: truncated TFRecord file (a record is cut short).")
+            yield data
 
 
-def _convert_to_array_record(version_dir: pathlib.Path) -> None:
-    from tensorflow_datasets.scripts.cli import convert_format_utils  # noqa: PLC0415
+def convert_tfrecord_to_array_record(builder: tfds.core.DatasetBuilder) -> None:
+    """Rewrite a prepared TFDS dataset's tfrecord shards as array_record beside them (no TensorFlow).
 
-    convert_format_utils.convert_dataset(
-        out_dir=None, out_file_format="array_record", dataset_version_dir=os.fspath(version_dir), num_workers=1
-    )
+    Both formats hold the same serialized examples; each shard is written under a temporary name
+    and renamed when complete (shards already copied are skipped), then ``array_record`` is added
+    to the builder's file formats (in memory: TFDS's own files are left as they are).
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+
+    version_dir = pathlib.Path(os.fspath(builder.data_dir))
+    shards = sorted(version_dir.glob("*.tfrecord-*-of-*"))
+    if not shards:
+        raise FileNotFoundError(f"no tfrecord shards in {version_dir}; prepare the dataset again with TFDS.")
+    for shard in shards:
+        target = shard.with_name(shard.name.replace(".tfrecord-", ".array_record-"))
+        if target.exists():
+            continue
+        partial = target.with_name(f".{target.name}.partial")
+        writer = ArrayRecordWriter(os.fspath(partial), "group_size:1")
+        for record in tfrecord_records(shard):
+            writer.write(record)
+        writer.close()
+        os.replace(partial, target)
+    builder.info.add_alternative_file_format(tfds.core.FileFormat.ARRAY_RECORD)
 
 
 def load_official_div2k(name: str, split: str, data_dir: str | os.PathLike, scale: int | None = None) -> Any:
@@ -320,19 +345,17 @@ def load_official_div2k(name: str, split: str, data_dir: str | os.PathLike, scal
             f"--source DIR --data_dir {data_dir}   ({DIV2K_LAYOUT})"
         )
     builder = tfds.builder(name, data_dir=os.fspath(data_dir))
-    formats = {builder.info.file_format, *builder.info.alternative_file_formats}
-    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
-        if not _has_tensorflow():
-            raise RuntimeError(
-                f"TFDS's {name} in {builder.data_dir} is stored as {builder.info.file_format.value}, which only "
-                "TensorFlow can read. Convert it once (needs TensorFlow): tfds convert_format "
-                f"--dataset_version_dir {builder.data_dir} --out_file_format array_record"
+    if tfds.core.FileFormat.ARRAY_RECORD not in builder.info.available_file_formats():
+        if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+            raise ValueError(
+                f"TFDS's {name} in {builder.data_dir} is stored as {builder.info.file_format.value}; "
+                "enlca_jax reads array_record and converts tfrecord. Prepare it again in one of them."
             )
-        _convert_to_array_record(pathlib.Path(os.fspath(builder.data_dir)))
-    builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
+        convert_tfrecord_to_array_record(builder)
     if split not in builder.info.splits:
         raise ValueError(f"dataset {name} has splits {list(builder.info.splits)}, not {split!r}.")
-    return OfficialDiv2kSource(builder.as_data_source(split=split), config_scale, split)
+    source = builder.as_data_source(split=split, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+    return OfficialDiv2kSource(source, config_scale, split)
 
 
 def load_split(name: str, split: str, data_dir: str | os.PathLike, scale: int | None = None) -> Any:
