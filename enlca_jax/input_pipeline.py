@@ -73,11 +73,12 @@ def check_source(source: Sequence[dict[str, Any]], scale: int, patch_size: int |
         raise ValueError(f"scale {scale} has no LR images in this dataset (it has {have}).")
     if patch_size is None:
         return
+    lr_shape = getattr(source, "lr_shape", None)  # datasets.SplitSource: PNG headers, no decoding
     small = []
     for index in range(len(source)):
-        lr = source[index][key]
-        if lr.shape[0] < patch_size or lr.shape[1] < patch_size:
-            small.append(f"{datasets.decode_name(source[index]['name'])} ({lr.shape[0]}×{lr.shape[1]})")
+        height, width = lr_shape(index, scale) if lr_shape is not None else source[index][key].shape[:2]
+        if height < patch_size or width < patch_size:
+            small.append(f"{datasets.decode_name(source[index]['name'])} ({height}×{width})")
     if small:
         raise ValueError(
             f"{len(small)} image(s) have an LR side smaller than the patch {patch_size} at ×{scale}: "

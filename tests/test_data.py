@@ -48,6 +48,22 @@ class TestBuilders:
         for scale in (2, 3, 4):
             np.testing.assert_array_equal(by_name["b"][f"lr_x{scale}"], imresize.bicubic_downscale(hr, scale))
 
+    def test_patch_check_reads_png_headers_not_pixels(self, benchmark_dir, tmp_path, monkeypatch):
+        datasets.prepare("sr_benchmark/Set5", tmp_path, benchmark_dir)
+        every_scale = datasets.load_split("sr_benchmark/Set5", "test", tmp_path)
+        for index in range(len(every_scale)):
+            for scale in (2, 3, 4):
+                assert every_scale.lr_shape(index, scale) == every_scale[index][f"lr_x{scale}"].shape[:2]
+        source = datasets.load_split("sr_benchmark/Set5", "test", tmp_path, scale=2)
+        decoded = []
+        original = datasets.SplitSource.__getitem__
+        monkeypatch.setattr(datasets.SplitSource, "__getitem__", lambda self, i: decoded.append(i) or original(self, i))
+        input_pipeline.check_source(source, 2, patch_size=18)  # the smallest LR ×2 is b, 18×30
+        assert decoded == [0]  # only the first example, to see which scales exist
+        with pytest.raises(ValueError, match=r"smaller than the patch 19 at ×2: b \(18×30\)"):
+            input_pipeline.check_source(source, 2, patch_size=19)
+        assert datasets.png_shape(b"GIF89a" + bytes(30)) is None
+
     def test_shared_set5_uses_matlab_lr_files(self, shared_data, tmp_path):
         builder = datasets.prepare("sr_benchmark/Set5", tmp_path, shared_data / "benchmark")
         source = builder.as_data_source(split="test")
