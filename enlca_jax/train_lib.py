@@ -345,18 +345,12 @@ class Validator:
         data = config.data
         source = datasets.load_split(data.validation, data.validation_split, _data_dir(config), scale=scale)
         self.images = list(input_pipeline.eval_examples(source, scale))
-        if config.data.validation_images > 0:
-            self.images = self.images[: config.data.validation_images]
+        if data.validation_images > 0:
+            self.images = self.images[: data.validation_images]
         self.scale = scale
         self.num_samples = config.num_sample_images
         self.samples_dir = workdir / "samples"
-        self._bicubic: eval_lib.SetResult | None = None
-
-    @property
-    def bicubic(self) -> eval_lib.SetResult:
-        if self._bicubic is None:
-            self._bicubic = eval_lib.evaluate(eval_lib.bicubic_upscaler(self.scale), self.images, self.scale)
-        return self._bicubic
+        self.bicubic = eval_lib.evaluate(eval_lib.bicubic_upscaler(scale), self.images, scale)
 
     def __call__(self, model: models.ENLCN, variables: Any, step: int) -> dict[str, float]:
         folder = self.samples_dir / f"{step:08d}"
