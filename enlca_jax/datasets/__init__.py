@@ -278,9 +278,8 @@ class SplitSource:
     about half a minute to decode.
     """
 
-    def __init__(self, decoded: Any, raw: Any, key_map: dict[str, str] | None = None):
+    def __init__(self, decoded: Any, raw: Any):
         self.decoded, self.raw = decoded, raw
-        self.key_map = key_map or {}  # our key -> the stored key (official div2k: lr_x4 -> lr)
 
     def __len__(self) -> int:
         return len(self.decoded)
@@ -290,8 +289,7 @@ class SplitSource:
 
     def lr_shape(self, index: int, scale: int) -> tuple[int, int]:
         key = lr_key(scale)
-        data = self.raw[index][self.key_map.get(key, key)]
-        shape = png_shape(data)
+        shape = png_shape(self.raw[index][key])
         return shape if shape is not None else tuple(self.decoded[index][key].shape[:2])
 
 
@@ -387,16 +385,20 @@ def load_official_div2k(name: str, split: str, data_dir: str | os.PathLike, scal
                 "enlca_jax reads array_record and converts tfrecord. Prepare it again in one of them."
             )
         convert_tfrecord_to_array_record(builder)
-    if split not in builder.info.splits:
-        raise ValueError(f"dataset {name} has splits {list(builder.info.splits)}, not {split!r}.")
+    _check_split(builder, name, split)
     array_record = tfds.core.FileFormat.ARRAY_RECORD
     source = builder.as_data_source(split=split, file_format=array_record)
-    raw = {"lr": tfds.decode.SkipDecoding(), "hr": tfds.decode.SkipDecoding()}
-    return SplitSource(
-        OfficialDiv2kSource(source, config_scale, split),
-        builder.as_data_source(split=split, file_format=array_record, decoders=raw),
-        {lr_key(config_scale): "lr"},
+    raw = builder.as_data_source(
+        split=split,
+        file_format=array_record,
+        decoders={"lr": tfds.decode.SkipDecoding(), "hr": tfds.decode.SkipDecoding()},
     )
+    return SplitSource(OfficialDiv2kSource(source, config_scale, split), OfficialDiv2kSource(raw, config_scale, split))
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, name: str, split: str) -> None:
+    if split not in builder.info.splits:
+        raise ValueError(f"dataset {name} has splits {list(builder.info.splits)}, not {split!r}.")
 
 
 def load_split(name: str, split: str, data_dir: str | os.PathLike, scale: int | None = None) -> Any:
@@ -422,8 +424,7 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike, scale: int | 
                 f"dataset {name} is not prepared in {data_dir} (nothing is downloaded). Prepare it with: "
                 f"python -m enlca_jax.datasets --source DIR --data_dir {data_dir}{folder}   ({layout})"
             )
-    if split not in builder.info.splits:
-        raise ValueError(f"dataset {name} has splits {list(builder.info.splits)}, not {split!r}.")
+    _check_split(builder, name, split)
     decoders = None
     if scale is not None:
         if scale not in SCALES:
