@@ -103,15 +103,10 @@ def folder_images(set_dir: str | os.PathLike, scale: int) -> list[EvalImage]:
     for path in paths:
         hr = image_io.read_image(path)
         lr_path = datasets.find_lr(set_dir / "LR_bicubic", path.stem, scale)
-        if lr_path is not None:
-            lr = image_io.read_image(lr_path)
-            expected = (hr.shape[0] // scale, hr.shape[1] // scale)
-            if lr.shape[:2] != expected:
-                raise ValueError(f"{lr_path}: LR is {lr.shape[0]}×{lr.shape[1]}, HR {path.name} needs {expected}.")
-        else:
-            lr = imresize.bicubic_downscale(hr, scale)
-        images.append(EvalImage(path.stem, lr, hr[: lr.shape[0] * scale, : lr.shape[1] * scale],
-                                image_io.is_greyscale_file(path)))  # fmt: skip
+        lr = image_io.read_image(lr_path) if lr_path is not None else None
+        lr = datasets.checked_lr(hr, lr, scale, str(lr_path or path))
+        greyscale = image_io.is_greyscale_file(path)
+        images.append(EvalImage(path.stem, lr, input_pipeline.crop_hr(hr, lr, scale), greyscale))
     return images
 
 

@@ -84,19 +84,26 @@ def make_example(
     hr = image_io.to_rgb_uint8(hr, origin)
     example: dict[str, Any] = {"name": name, "greyscale": greyscale, "hr": image_io.encode_png(hr)}
     for scale in SCALES:
-        expected = (hr.shape[0] // scale, hr.shape[1] // scale)
-        if min(expected) < 1:
-            raise ValueError(f"{origin}: HR {hr.shape[:2]} is smaller than the scale {scale}.")
-        lr = lrs.get(scale)
-        if lr is None:
-            lr = imresize.bicubic_downscale(hr, scale)
-        elif lr.shape[:2] != expected:
-            raise ValueError(
-                f"{origin}: LR ×{scale} is {lr.shape[0]}×{lr.shape[1]} but HR {hr.shape[0]}×{hr.shape[1]} "
-                f"needs exactly {expected[0]}×{expected[1]} (floor(HR/{scale}))."
-            )
-        example[lr_key(scale)] = image_io.encode_png(lr)
+        example[lr_key(scale)] = image_io.encode_png(checked_lr(hr, lrs.get(scale), scale, origin))
     return example
+
+
+def checked_lr(hr: np.ndarray, lr: np.ndarray | None, scale: int, origin: str) -> np.ndarray:
+    """``lr`` if it is exactly ⌊H/s⌋ × ⌊W/s⌋ of ``hr``, MATLAB bicubic of ``hr`` if it is None.
+
+    Raises ValueError naming ``origin`` for an LR of another size or an HR smaller than the scale.
+    """
+    expected = (hr.shape[0] // scale, hr.shape[1] // scale)
+    if min(expected) < 1:
+        raise ValueError(f"{origin}: HR {hr.shape[:2]} is smaller than the scale {scale}.")
+    if lr is None:
+        return imresize.bicubic_downscale(hr, scale)
+    if lr.shape[:2] != expected:
+        raise ValueError(
+            f"{origin}: LR ×{scale} is {lr.shape[0]}×{lr.shape[1]} but HR {hr.shape[0]}×{hr.shape[1]} "
+            f"needs exactly {expected[0]}×{expected[1]} (floor(HR/{scale}))."
+        )
+    return lr
 
 
 def find_lr(folder: pathlib.Path, name: str, scale: int) -> pathlib.Path | None:
