@@ -11,8 +11,15 @@ ungrouped 2-D NHWC×HWIO convolution as one matmul per kernel tap:
 
     dW[i, j] = Σ_{b,h,w} x_pad[b, h+i, w+j, :]ᵀ dy[b, h, w, :]        # [C_in, C_out]
 
-(kh·kw dots of [B·H_out·W_out, C_in]ᵀ × [B·H_out·W_out, C_out]). Every other convolution falls
-through to ``jax.lax.conv_general_dilated`` unchanged. Use it with flax as
+(kh·kw dots of [B·H_out·W_out, C_in]ᵀ × [B·H_out·W_out, C_out]). The forward and the input
+gradient (itself a stride-1 convolution of ``dy`` with the flipped, transposed kernel) are run by
+XLA in chunks (`chunked_conv`): XLA:CPU's convolution is ≈ 20 % slower when one call covers more
+than a few images or a very large image (trunk conv at batch 16, 48²: 154 → 187 GFLOP/s in chunks
+of 4 images; 256→1024 on one 512² image: 152 → 180 in row bands), so big convolutions are a loop
+over chunks of at most `MAX_CHUNK_IMAGES` images and `MAX_CHUNK_PIXELS` output pixels, split
+along the batch and, for a single large image, into row bands with their halo. Every other
+convolution falls through to ``jax.lax.conv_general_dilated`` unchanged. (XLA's cost analysis
+counts a loop body once: count FLOPs on the same model with ``conv_impl='xla'``.) Use it with flax as
 ``nn.Conv(..., conv_general_dilated=enlca_jax.conv.conv_general_dilated)``; `ENLCN` does so when
 its ``conv_impl`` is ``'tap_matmul'``.
 """
@@ -34,6 +41,11 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 #: Below this many input or output channels the tap matmuls are thin and memory-bound (the ×4 tail
 #: conv, 256 → 3 channels on 192² pixels, runs 2.5× slower that way); XLA's gradient is kept there.
 MIN_TAP_CHANNELS = 16
+
+#: Largest chunk one XLA convolution call gets in `chunked_conv`: images, and output pixels
+#: (images × H_out × W_out). Measured on the 2-core CPU (``benchmarks/conv.py``).
+MAX_CHUNK_IMAGES = 4
+MAX_CHUNK_PIXELS = 32768
 
 #: Values of ``conv_impl`` in `ENLCN`, `attention.ENLCA` and the configs.
 CONV_IMPLS = ("auto", "xla", "tap_matmul")
@@ -105,21 +117,76 @@ def kernel_gradient(x: Array, dy: Array, kernel_shape: Sequence[int], padding: t
     return jnp.stack(taps).reshape(kh, kw, ci, co)
 
 
+def chunked_conv(x: Array, w: Array, padding: tuple, precision: Any = None, preferred_element_type: Any = None):
+    """``_lax_conv`` run as a loop over chunks: x [B, H, W, Ci] * w [kh, kw, Ci, Co] → [B, Ho, Wo, Co].
+
+    Whole images are grouped, at most `MAX_CHUNK_IMAGES` and `MAX_CHUNK_PIXELS` output pixels per
+    call (the group size divides B); an image with more output pixels than that is cut into row
+    bands of equal height, each read with its kh − 1 halo rows (the last band padded below and
+    cropped). The result equals one call up to float summation order (it is the same arithmetic).
+    """
+    batch, height, width, cin = x.shape
+    kh, kw, _, cout = w.shape
+    (top, bottom), cols = padding
+    ho = height + top + bottom - kh + 1
+    wo = width + cols[0] + cols[1] - kw + 1
+    per_image = ho * wo
+    conv = functools.partial(_lax_conv, w=w, precision=precision, preferred_element_type=preferred_element_type)
+    if batch <= MAX_CHUNK_IMAGES and batch * per_image <= MAX_CHUNK_PIXELS:
+        return conv(x, padding=padding)
+    if per_image <= MAX_CHUNK_PIXELS:
+        group = max(d for d in range(1, MAX_CHUNK_IMAGES + 1) if batch % d == 0 and d * per_image <= MAX_CHUNK_PIXELS)
+        groups = x.reshape(batch // group, group, height, width, cin)
+        out = lax.map(lambda xs: conv(xs, padding=padding), groups)
+        return out.reshape(batch, ho, wo, out.shape[-1])
+    bands = -(-ho // max(1, MAX_CHUNK_PIXELS // wo))
+    rows = -(-ho // bands)  # the fewest bands that fit, of equal height
+    # Rows padded so that band i reads input rows [i·rows, i·rows + rows + kh − 1).
+    x_pad = jnp.pad(x, ((0, 0), (top, bottom + bands * rows - ho), (0, 0), (0, 0)))
+
+    def one_image(image: Array) -> Array:  # [H_pad, W, Ci] → [Ho, Wo, Co]
+        def band(i: Array) -> Array:
+            rows_in = lax.dynamic_slice_in_dim(image, i * rows, rows + kh - 1, axis=0)
+            return conv(rows_in[None], padding=((0, 0), cols))[0]
+
+        return lax.map(band, jnp.arange(bands)).reshape(bands * rows, wo, cout)[:ho]
+
+    return lax.map(one_image, x_pad)
+
+
+def input_gradient(dy: Array, w: Array, padding: tuple, precision: Any = None) -> Array:
+    """dL/dx of a stride-1 NHWC×HWIO conv: dy [B, Ho, Wo, Co] → [B, H, W, Ci].
+
+    The correlation of ``dy`` padded by kh − 1 − lo (above/left) and kh − 1 − hi with the kernel
+    flipped in space and transposed in channels, run through `chunked_conv`.
+    """
+    kh, kw = w.shape[0], w.shape[1]
+    (top, bottom), (left, right) = padding
+    flipped = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+    pads = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+    if min(min(pair) for pair in pads) < 0:  # padding wider than the kernel: crop dy instead
+        dy = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+        pads = ((0, 0), (0, 0))
+    return chunked_conv(dy, flipped, pads, precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d_same_stride1(x: Array, w: Array, padding: tuple, precision: Any = None, preferred_element_type: Any = None):
     """Stride-1 NHWC×HWIO conv ``x [B, H, W, Ci] * w [kh, kw, Ci, Co] → [B, Ho, Wo, Co]`` with
-    explicit ``padding`` ((lo, hi), (lo, hi)); its kernel gradient is `kernel_gradient`."""
-    return _lax_conv(x, w, padding, precision, preferred_element_type)
+    explicit ``padding`` ((lo, hi), (lo, hi)): `chunked_conv`, with `input_gradient` and
+    `kernel_gradient` as its VJP."""
+    return chunked_conv(x, w, padding, precision, preferred_element_type)
 
 
 def _conv_fwd(x, w, padding, precision, preferred_element_type):
-    return _lax_conv(x, w, padding, precision, preferred_element_type), (x, w)
+    return chunked_conv(x, w, padding, precision, preferred_element_type), (x, w)
 
 
 def _conv_bwd(padding, precision, preferred_element_type, residuals, dy):
     x, w = residuals
-    (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, padding, precision, None), x)(dy.astype(x.dtype))
-    dw = kernel_gradient(x, dy.astype(x.dtype), w.shape, padding, precision).astype(w.dtype)
+    dy = dy.astype(x.dtype)
+    dx = input_gradient(dy, w, padding, precision).astype(x.dtype)
+    dw = kernel_gradient(x, dy, w.shape, padding, precision).astype(w.dtype)
     return dx, dw
 
 

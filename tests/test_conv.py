@@ -46,6 +46,33 @@ def test_matches_lax_values_and_gradients(kernel, padding, in_size):
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "batch,in_size,padding,images,pixels",
+    [
+        (6, (5, 4), "SAME", 4, 48),  # groups of 3 images (the largest divisor of 6 that fits)
+        (5, (4, 4), "SAME", 2, 1000),  # 5 is prime: one image per call
+        (2, (9, 7), "SAME", 4, 20),  # row bands: 20 // 7 = 2 rows per band, 9 rows in 5 bands (one row padded)
+        (1, (10, 6), ((2, 0), (1, 3)), 4, 24),  # uneven padding: 10 rows of 8 in 4 bands of 3, two cropped
+        (3, (8, 9), "VALID", 1, 7),  # one-row bands
+    ],
+)
+def test_chunked_convolution_equals_one_call(monkeypatch, batch, in_size, padding, images, pixels):
+    monkeypatch.setattr(conv, "MAX_CHUNK_IMAGES", images)
+    monkeypatch.setattr(conv, "MAX_CHUNK_PIXELS", pixels)
+    x = random((batch, *in_size, 16), 0)
+    w = random((3, 3, 16, 24), 1) * 0.1
+    args = {"window_strides": (1, 1), "padding": padding, "dimension_numbers": NHWC}
+    reference = jax.lax.conv_general_dilated(x, w, **args)
+    out = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, **args))(x, w)
+    assert "scan" in str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, **args))(x, w))
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+    cotangent = random(reference.shape, 2)
+    _, (ref_dx, ref_dw) = value_and_grads(jax.lax.conv_general_dilated, x, w, cotangent, **args)
+    _, (dx, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+
+
 def test_tap_path_is_taken_for_eligible_convs():
     x, w = random((1, 6, 6, 16), 0), random((3, 3, 16, 16), 1)
     jaxpr = jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC))
