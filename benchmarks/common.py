@@ -49,22 +49,52 @@ def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Achieved float32 GFLOP/s of a jitted size×size matmul (the machine's reference figure)."""
+def matmul_gflops(size: int = 2048, repeats: int = 5, min_seconds: float = 3.0) -> float:
+    """Achieved float32 GFLOP/s of a jitted size×size matmul (the machine's reference figure).
+
+    The median over at least ``repeats`` calls and ``min_seconds`` of calls: on a shared 2-core
+    machine single calls vary by up to 2× from moment to moment.
+    """
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
     fn = jax.jit(lambda a, b: a @ b)
-    seconds = time_fn(lambda: fn(a, b), repeats=repeats)
+    once = time_fn(lambda: fn(a, b), repeats=1)
+    seconds = time_fn(lambda: fn(a, b), repeats=max(repeats, int(min_seconds / max(once, 1e-6))), warmup=0)
     return 2 * size**3 / seconds / 1e9
 
 
-def compiled_cost(fn: Callable, *args: Any) -> tuple[Any, float, dict[str, float]]:
-    """(compiled executable, counted FLOPs, memory analysis in bytes) of ``jax.jit(fn)(*args)``."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
+def reference_matmul(before: float) -> float:
+    """The higher of the matmul figure measured ``before`` a long benchmark and one measured now.
+
+    Long benchmarks (minutes) outlast the machine's slow and fast spells; ratios against the
+    higher of the two are the conservative ones.
+    """
+    return max(before, matmul_gflops())
+
+
+def _flops(cost: Any) -> float:
     if isinstance(cost, list):
         cost = cost[0]
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def counted_flops(fn: Callable, *args: Any) -> float:
+    """XLA's FLOP count of ``jax.jit(fn)(*args)`` (cost analysis of the lowered HLO, no compile).
+
+    XLA counts a loop body once whatever its trip count, so a function that runs its convolutions
+    in chunks (`enlca_jax.conv.chunked_conv`) must be counted through an equivalent loop-free
+    version: the benchmarks pass the same model with ``conv_impl='xla'`` here.
+    """
+    return _flops(jax.jit(fn).lower(*args).cost_analysis())
+
+
+def compiled_cost(fn: Callable, *args: Any, flops_fn: Callable | None = None) -> tuple[Any, float, dict[str, float]]:
+    """(compiled executable, counted FLOPs, memory analysis in bytes) of ``jax.jit(fn)(*args)``.
+
+    FLOPs are counted on ``flops_fn`` (same arguments) when given, see `counted_flops`.
+    """
+    compiled = jax.jit(fn).lower(*args).compile()
+    flops = counted_flops(flops_fn, *args) if flops_fn is not None else _flops(compiled.cost_analysis())
     memory = compiled.memory_analysis()
     mem = {}
     if memory is not None:

@@ -2,12 +2,14 @@
 
     python benchmarks/inference.py --json benchmarks/results/inference_cpu.json
     python benchmarks/inference.py --sizes 128,256 --modes untiled,tiled
+    python benchmarks/inference.py --sizes 512 --modes untiled --unchunked   # one XLA call per conv
 
 For each LR side s (s×s input, batch 1) and mode ('untiled': one jitted forward; 'tiled':
 `inference.predict` with --tile LR tiles and global attention), it reports seconds, LR and SR
 megapixels per second, XLA's counted FLOPs and GFLOP/s next to a float32 matmul of the same run
-(untiled), and the process's peak RSS. Untiled sizes whose activations would not fit in
---max_untiled_gib are skipped (×4 at LR 1024² needs over 24 GiB for the upsampler alone).
+(untiled; the matmul is measured before and after, the higher is used), and the process's peak
+RSS. Untiled sizes whose activations would not fit in --max_untiled_gib are skipped (×4 at LR
+1024² needs over 24 GiB for the upsampler alone).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import psutil
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import inference, models  # noqa: E402
+from enlca_jax import conv, inference, models  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,10 +36,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", type=int, default=128, help="LR tile side for the tiled mode")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--max_untiled_gib", type=float, default=16.0)
+    parser.add_argument(
+        "--unchunked", action="store_true", help="one XLA call per convolution (no chunking), for comparison"
+    )
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.unchunked:
+        conv.MAX_CHUNK_IMAGES = conv.MAX_CHUNK_PIXELS = 2**62
 
     model = models.ENLCN(scale=4)
+    loop_free = models.ENLCN(scale=4, conv_impl="xla")  # FLOPs counted on it: see common.counted_flops
     variables = models.init_variables(model, jax.random.key(0))
     matmul = common.matmul_gflops()
     rows = []
@@ -51,10 +59,11 @@ def main(argv=None) -> int:
                 if estimate_gib > args.max_untiled_gib:
                     print(f"skip untiled {side}²: about {estimate_gib:.0f} GiB of activations", flush=True)
                     continue
-                compiled, flops, memory = common.compiled_cost(lambda v, x: model.apply(v, x), variables, x)
+                compiled, flops, memory = common.compiled_cost(
+                    lambda v, x: model.apply(v, x), variables, x, flops_fn=lambda v, x: loop_free.apply(v, x)
+                )
                 seconds = common.time_fn(lambda c=compiled, x=x: c(variables, x), repeats=args.repeats)
-                row.update(gflop=flops / 1e9, gflops_per_s=flops / seconds / 1e9,
-                           of_matmul=flops / seconds / 1e9 / matmul, xla_gib=sum(memory.values()) / 2**30)  # fmt: skip
+                row.update(gflop=flops / 1e9, gflops_per_s=flops / seconds / 1e9, xla_gib=sum(memory.values()) / 2**30)
             else:
                 inference.predict_tiled(model, variables, jnp.zeros((1, side, side, 3)), args.tile)  # compile
                 start = time.perf_counter()
@@ -66,11 +75,17 @@ def main(argv=None) -> int:
                        rss_gib=rss)  # fmt: skip
             rows.append(row)
             print(row, flush=True)
-    print(f"\nENLCN ×4 inference, batch 1; float32 matmul 2048²: {matmul:.1f} GFLOP/s; tile {args.tile}")
+    matmul_before, matmul = matmul, common.reference_matmul(matmul)
+    for row in rows:
+        if "gflops_per_s" in row:
+            row["of_matmul"] = row["gflops_per_s"] / matmul
+    print(f"\nENLCN ×4 inference, batch 1; float32 matmul 2048²: {matmul:.1f} GFLOP/s (before {matmul_before:.1f}, "
+          f"after: the higher is used); tile {args.tile}")  # fmt: skip
     common.print_table(rows, ["side", "mode", "seconds", "sr_mpix_per_s", "gflops_per_s", "of_matmul", "xla_gib",
                               "peak_rss_gib"])  # fmt: skip
     common.write_json(args.json, {"benchmark": "inference", "machine": common.machine_info(), "tile": args.tile,
-                                  "matmul_gflops_per_s": matmul, "rows": rows})  # fmt: skip
+                                  "chunked": not args.unchunked, "matmul_gflops_per_s": matmul,
+                                  "matmul_before_gflops_per_s": matmul_before, "rows": rows})  # fmt: skip
     return 0
 
 
