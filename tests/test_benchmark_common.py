@@ -1,0 +1,38 @@
+"""benchmarks.common: FLOPs are counted on the loop-free twin of a chunked computation."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import common
+from enlca_jax import conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(conv, "MAX_CHUNK_IMAGES", 1)
+    monkeypatch.setattr(conv, "MAX_CHUNK_PIXELS", 64)
+
+
+def conv_with(fn):
+    return lambda x, w: fn(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+
+def test_flops_are_counted_on_the_loop_free_twin(small_chunks):
+    x = jnp.ones((4, 8, 8, 16))
+    w = jnp.ones((3, 3, 16, 16))
+    chunked, loop_free = conv_with(conv.conv_general_dilated), conv_with(jax.lax.conv_general_dilated)
+    # XLA counts the body of the 4-image loop once (plus its counter): a quarter of the work.
+    assert common.counted_flops(chunked, x, w) == pytest.approx(common.counted_flops(loop_free, x, w) / 4, rel=1e-3)
+    compiled, flops, memory = common.compiled_cost(chunked, x, w, flops_fn=loop_free)
+    assert flops == common.counted_flops(loop_free, x, w) > 2 * 4 * 6 * 6 * 9 * 16 * 16  # at least the interior
+    assert compiled(x, w).shape == (4, 8, 8, 16)
+    assert memory["output_size_in_bytes"] == 4 * 8 * 8 * 16 * 4
+
+
+def test_reference_matmul_is_the_higher_figure():
+    once = common.matmul_gflops(size=64, repeats=2, min_seconds=0.01)
+    assert once > 0
+    assert common.reference_matmul(1e12) == 1e12
