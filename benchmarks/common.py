@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -15,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from enlca_jax import conv
 
 
 def machine_info() -> dict[str, Any]:
@@ -70,6 +73,28 @@ def reference_matmul(before: float) -> float:
     higher of the two are the conservative ones.
     """
     return max(before, matmul_gflops())
+
+
+def add_matmul_ratios(rows: list[dict[str, Any]], before: float, where: Callable[[dict], bool] | None = None) -> float:
+    """Set ``row["of_matmul"]`` (GFLOP/s over the `reference_matmul`) on the rows with a GFLOP/s
+    figure (and ``where(row)``, if given); returns that reference."""
+    matmul = reference_matmul(before)
+    for row in rows:
+        if "gflops_per_s" in row and (where is None or where(row)):
+            row["of_matmul"] = row["gflops_per_s"] / matmul
+    return matmul
+
+
+def add_unchunked_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unchunked", action="store_true", help="one XLA call per convolution (no chunking), for comparison"
+    )
+
+
+def apply_unchunked_flag(args: argparse.Namespace) -> None:
+    """With ``--unchunked``, `enlca_jax.conv` runs every convolution as one XLA call (the baseline)."""
+    if args.unchunked:
+        conv.MAX_CHUNK_IMAGES = conv.MAX_CHUNK_PIXELS = 2**62
 
 
 def _flops(cost: Any) -> float:

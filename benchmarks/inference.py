@@ -26,7 +26,7 @@ import psutil
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import conv, inference, models  # noqa: E402
+from enlca_jax import inference, models  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,13 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", type=int, default=128, help="LR tile side for the tiled mode")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--max_untiled_gib", type=float, default=16.0)
-    parser.add_argument(
-        "--unchunked", action="store_true", help="one XLA call per convolution (no chunking), for comparison"
-    )
+    common.add_unchunked_flag(parser)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if args.unchunked:
-        conv.MAX_CHUNK_IMAGES = conv.MAX_CHUNK_PIXELS = 2**62
+    common.apply_unchunked_flag(args)
 
     model = models.ENLCN(scale=4)
     loop_free = models.ENLCN(scale=4, conv_impl="xla")  # FLOPs counted on it: see common.counted_flops
@@ -75,10 +72,7 @@ def main(argv=None) -> int:
                        rss_gib=rss)  # fmt: skip
             rows.append(row)
             print(row, flush=True)
-    matmul_before, matmul = matmul, common.reference_matmul(matmul)
-    for row in rows:
-        if "gflops_per_s" in row:
-            row["of_matmul"] = row["gflops_per_s"] / matmul
+    matmul_before, matmul = matmul, common.add_matmul_ratios(rows, matmul)
     print(f"\nENLCN ×4 inference, batch 1; float32 matmul 2048²: {matmul:.1f} GFLOP/s (before {matmul_before:.1f}, "
           f"after: the higher is used); tile {args.tile}")  # fmt: skip
     common.print_table(rows, ["side", "mode", "seconds", "sr_mpix_per_s", "gflops_per_s", "of_matmul", "xla_gib",

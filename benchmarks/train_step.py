@@ -27,26 +27,27 @@ from configs import enlca_x4  # noqa: E402
 from enlca_jax import conv, train_lib  # noqa: E402
 
 
-def step_fn(config, attention: str, with_contrastive: bool, conv_impl: str | None = None):
-    """(train_step with everything but state and batch bound, initial state, optimiser)."""
-    config = config.copy_and_resolve_references()
-    config.model.attention = attention
+def step_fn(config, with_contrastive: bool, conv_impl: str | None = None):
+    """(train_step with everything but state and batch bound, its model, its optimiser)."""
     if conv_impl is not None:
+        config = config.copy_and_resolve_references()
         config.model.conv_impl = conv_impl
     model, tx = train_lib.create_model(config), train_lib.create_optimizer(config)
-    state = train_lib.create_train_state(config, model, tx)
     fn = functools.partial(
         train_lib.train_step, model=model, tx=tx, schedule=train_lib.learning_rate_schedule(config),
         contrastive_weight=config.contrastive.weight, with_contrastive=with_contrastive, axis_name=None,
     )  # fmt: skip
-    return fn, state, tx
+    return fn, model, tx
 
 
 def step_case(config, batch, with_contrastive: bool, attention: str, repeats: int):
-    fn, state, tx = step_fn(config, attention, with_contrastive)
+    config = config.copy_and_resolve_references()
+    config.model.attention = attention
+    fn, model, tx = step_fn(config, with_contrastive)
+    state = train_lib.create_train_state(config, model, tx)
     # FLOPs of the same step with XLA's own convolutions: chunked convolutions are loops, which
-    # XLA's cost analysis counts once (common.counted_flops).
-    flops_fn, _, _ = step_fn(config, attention, with_contrastive, conv_impl="xla")
+    # XLA's cost analysis counts once (common.counted_flops). Same state: the parameters agree.
+    flops_fn, _, _ = step_fn(config, with_contrastive, conv_impl="xla")
     compiled, flops, memory = common.compiled_cost(fn, state, batch, flops_fn=flops_fn)
     seconds = common.time_fn(lambda: compiled(state, batch), repeats=repeats)
     return seconds, flops, memory, state, tx
@@ -59,17 +60,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per case (median)")
     parser.add_argument("--no-breakdown", action="store_true", help="time only the full step")
     parser.add_argument("--conv_impl", default="auto", choices=conv.CONV_IMPLS, help="config.model.conv_impl")
-    parser.add_argument(
-        "--unchunked", action="store_true", help="one XLA call per convolution (no chunking), for comparison"
-    )
+    common.add_unchunked_flag(parser)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
     config = enlca_x4.get_config()
     config.data.patch_size = args.patch
     config.model.conv_impl = args.conv_impl
-    if args.unchunked:
-        conv.MAX_CHUNK_IMAGES = conv.MAX_CHUNK_PIXELS = 2**62
+    common.apply_unchunked_flag(args)
     rng = np.random.default_rng(0)
     s = config.model.scale
     batch = {
@@ -89,9 +87,7 @@ def main(argv=None) -> int:
             "temp_gib": memory.get("temp_size_in_bytes", 0) / 2**30,
         })  # fmt: skip
         print(rows[-1], flush=True)
-    matmul_before, matmul = matmul, common.reference_matmul(matmul)
-    for row in rows:
-        row["of_matmul"] = row["gflops_per_s"] / matmul
+    matmul_before, matmul = matmul, common.add_matmul_ratios(rows, matmul)
     if not args.no_breakdown:
         grads = jax.tree_util.tree_map(lambda p: p * 1e-3, state.params)
         update = jax.jit(lambda g, o, p: tx.update(g, o, p))

@@ -36,3 +36,11 @@ def test_reference_matmul_is_the_higher_figure():
     once = common.matmul_gflops(size=64, repeats=2, min_seconds=0.01)
     assert once > 0
     assert common.reference_matmul(1e12) == 1e12
+
+
+def test_matmul_ratios_only_on_selected_rows_with_a_rate():
+    rows = [{"case": "a", "gflops_per_s": 5e11}, {"case": "b"}, {"case": "skip", "gflops_per_s": 1.0}]
+    reference = common.add_matmul_ratios(rows, 1e12, where=lambda row: row["case"] != "skip")
+    assert reference == 1e12
+    assert rows[0]["of_matmul"] == 0.5
+    assert "of_matmul" not in rows[1] and "of_matmul" not in rows[2]
