@@ -73,6 +73,48 @@ def test_chunked_convolution_equals_one_call(monkeypatch, batch, in_size, paddin
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "kernel,padding,in_size,cin,cout",
+    [
+        ((3, 3), "SAME", (9, 7), 32, 3),  # the ENLCN tail: 256 → 3
+        ((3, 3), "VALID", (8, 9), 27, 3),
+        ((1, 1), "SAME", (6, 6), 16, 1),
+        ((3, 3), ((2, 0), (1, 3)), (7, 6), 32, 2),  # padding wider than the kernel on one side
+        ((5, 3), ((2, 2), (1, 1)), (8, 8), 64, 4),
+    ],
+)
+def test_thin_output_convs_match_lax(kernel, padding, in_size, cin, cout):
+    x = random((2, *in_size, cin), 0)
+    w = random((*kernel, cin, cout), 1) * 0.1
+    args = {"window_strides": (1, 1), "padding": padding, "dimension_numbers": NHWC}
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, **args))(x, w))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+    out_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, **args)).shape
+    cotangent = random(out_shape, 2)
+    ref_value, (ref_dx, ref_dw) = value_and_grads(jax.lax.conv_general_dilated, x, w, cotangent, **args)
+    value, (dx, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+    forward = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, **args))(x, w)
+    np.testing.assert_allclose(forward, jax.lax.conv_general_dilated(x, w, **args), rtol=1e-5, atol=1e-5)
+
+
+def test_thin_output_conv_in_bfloat16():
+    x, w = random((2, 10, 10, 64), 0, jnp.bfloat16), random((3, 3, 64, 3), 1, jnp.bfloat16)
+    args = {"window_strides": (1, 1), "padding": "SAME", "dimension_numbers": NHWC}
+    cotangent = random((2, 10, 10, 3), 2)
+    _, (dx, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
+    out = conv.conv_general_dilated(x, w, **args)
+    assert out.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    _, (ref_dx, ref_dw) = value_and_grads(jax.lax.conv_general_dilated, x32, w32, cotangent, **args)
+    reference = jax.lax.conv_general_dilated(x32, w32, **args)
+    for got, want in ((out, reference), (dx, ref_dx), (dw, ref_dw)):
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
 def test_tap_path_is_taken_for_eligible_convs():
     x, w = random((1, 6, 6, 16), 0), random((3, 3, 16, 16), 1)
     jaxpr = jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC))
@@ -87,7 +129,7 @@ def test_tap_path_is_taken_for_eligible_convs():
         {"lhs_dilation": (2, 1), "padding": ((1, 1), (1, 1))},
         {"feature_group_count": 2},
         {"in_channels": 3},  # too few channels: the thin tap matmuls would be slower
-        {"out_channels": 3},
+        {"out_channels": 3},  # 3·3·3 tap outputs > 16 input channels: not thin enough either
         {"dimension_numbers": ("NCHW", "OIHW", "NCHW")},
     ],
 )
@@ -132,7 +174,7 @@ def test_enlcn_gradients_do_not_depend_on_conv_impl():
     target = random((2, 24, 24, 3), 1) * 0.2 + 0.5
     grads = {}
     for impl in ("xla", "tap_matmul"):
-        model = models.ENLCN_TINY(scale=2, conv_impl=impl)
+        model = models.ENLCN_TINY(scale=2, features=32, conv_impl=impl)  # 32 → 3 tail: the thin path
         variables = models.init_variables(model, jax.random.key(3))
 
         def loss(params, model=model, variables=variables):
