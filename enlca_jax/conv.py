@@ -29,7 +29,7 @@ its ``conv_impl`` is ``'tap_matmul'``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -85,7 +85,8 @@ def _explicit_padding(padding: Any, in_spatial: Sequence[int], kernel_spatial: S
     return pads
 
 
-def _lax_conv(x: Array, w: Array, padding: tuple, precision: Any, preferred_element_type: Any) -> Array:
+def xla_conv(x: Array, w: Array, padding: tuple, precision: Any, preferred_element_type: Any) -> Array:
+    """One stride-1 NHWC×HWIO ``lax.conv_general_dilated`` call with explicit padding."""
     return lax.conv_general_dilated(
         x,
         w,
@@ -122,7 +123,7 @@ def kernel_gradient(x: Array, dy: Array, kernel_shape: Sequence[int], padding: t
     return jnp.stack(taps).reshape(kh, kw, ci, co)
 
 
-def _tap_matrix(w: Array) -> Array:
+def tap_matrix(w: Array) -> Array:
     """[kh, kw, Ci, Co] → [Ci, kh·kw·Co], columns ordered (i, j, Co)."""
     kh, kw, ci, co = w.shape
     return w.transpose(2, 0, 1, 3).reshape(ci, kh * kw * co)
@@ -140,17 +141,25 @@ def thin_output_conv(
         y[b, h, w] = Σ_{i,j} z_pad[b, h + i, w + j, (i, j)]
 
     (padding z equals padding x: z is linear per pixel). Its VJP is one matmul each, too: with
-    ``dz`` [B, H, W, kh·kw·Co] the output gradient shifted back per tap (`_shifted_taps`),
+    ``dz`` [B, H, W, kh·kw·Co] the output gradient shifted back per tap (`shifted_taps`),
     ``dx = dz @ wᵀ`` and ``dw = dzᵀ x``. XLA:CPU's own convolution and its gradients are
     memory-bound and slow on such shapes: the ×4 tail conv at batch 16 (256 → 3 channels on 192²
     pixels) takes 1.43 s forward + backward with XLA's convolution and 0.60 s this way.
     """
-    kh, kw, _, co = w.shape
-    _, height, width, _ = x.shape
+    dims = (((3,), (0,)), ((), ()))
+    z = lax.dot_general(x, tap_matrix(w), dims, precision=precision, preferred_element_type=jnp.float32)
+    return add_shifted_taps(z, w.shape[:2], padding).astype(preferred_element_type or jnp.result_type(x, w))
+
+
+def add_shifted_taps(z: Array, kernel_size: Sequence[int], padding: tuple) -> Array:
+    """Tap outputs z [B, H, W, kh·kw·Co] ((i, j, Co) order) → y [B, Ho, Wo, Co].
+
+    ``y[:, h, w] = Σ_{i,j} z_pad[:, h + i, w + j, (i, j)]`` with z zero-padded by ``padding``."""
+    kh, kw = kernel_size
+    batch, height, width, taps = z.shape
+    co = taps // (kh * kw)
     (top, bottom), (left, right) = padding
     ho, wo = height + top + bottom - kh + 1, width + left + right - kw + 1
-    dims = (((3,), (0,)), ((), ()))
-    z = lax.dot_general(x, _tap_matrix(w), dims, precision=precision, preferred_element_type=jnp.float32)
     z = jnp.pad(z, ((0, 0), (top, bottom), (left, right), (0, 0)))
     out = None
     for i in range(kh):
@@ -158,11 +167,13 @@ def thin_output_conv(
             tap = (i * kw + j) * co
             term = z[:, i : i + ho, j : j + wo, tap : tap + co]
             out = term if out is None else out + term
-    return out.astype(preferred_element_type or jnp.result_type(x, w))
+    return out
 
 
-def _shifted_taps(dy: Array, kernel_size: tuple[int, int], padding: tuple) -> Array:
-    """dy [B, Ho, Wo, Co] → dz [B, H, W, kh·kw·Co]: tap (i, j) is dy moved by (i − top, j − left)."""
+def shifted_taps(dy: Array, kernel_size: Sequence[int], padding: tuple) -> Array:
+    """dy [B, Ho, Wo, Co] → dz [B, H, W, kh·kw·Co]: tap (i, j) is dy moved by (i − top, j − left).
+
+    The transpose of `add_shifted_taps`."""
     kh, kw = kernel_size
     (top, bottom), (left, right) = padding
     zero = jnp.zeros((), dy.dtype)
@@ -181,8 +192,8 @@ def _thin_fwd(x, w, padding, precision, preferred_element_type):
 def _thin_bwd(padding, precision, preferred_element_type, residuals, dy):
     x, w = residuals
     kh, kw, ci, co = w.shape
-    dz = _shifted_taps(dy.astype(x.dtype), (kh, kw), padding)  # [B, H, W, kh·kw·Co]
-    dx = lax.dot_general(dz, _tap_matrix(w), (((3,), (1,)), ((), ())), precision=precision,
+    dz = shifted_taps(dy.astype(x.dtype), (kh, kw), padding)  # [B, H, W, kh·kw·Co]
+    dx = lax.dot_general(dz, tap_matrix(w), (((3,), (1,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)  # fmt: skip
     # [kh·kw·Co, Ci]: XLA:CPU runs this orientation of the pixel contraction ≈ 3× faster than [Ci, ...].
     rows = x.shape[0] * x.shape[1] * x.shape[2]
@@ -195,41 +206,71 @@ def _thin_bwd(padding, precision, preferred_element_type, residuals, dy):
 thin_output_conv.defvjp(_thin_fwd, _thin_bwd)
 
 
-def chunked_conv(x: Array, w: Array, padding: tuple, precision: Any = None, preferred_element_type: Any = None):
-    """``_lax_conv`` run as a loop over chunks: x [B, H, W, Ci] * w [kh, kw, Ci, Co] → [B, Ho, Wo, Co].
+def map_conv_chunks(fn: Callable[..., Any], x: Array, padding: tuple, kernel_size: Sequence[int], extras=()) -> Any:
+    """Run a stride-1 convolution-like ``fn`` over the chunks of `chunked_conv` and reassemble.
 
-    Whole images are grouped, at most `MAX_CHUNK_IMAGES` and `MAX_CHUNK_PIXELS` output pixels per
-    call (the group size divides B); an image with more output pixels than that is cut into row
-    bands of equal height, each read with its kh − 1 halo rows (the last band padded below and
-    cropped). The result equals one call up to float summation order (it is the same arithmetic).
+    Args:
+      fn: ``fn(x_chunk, padding_chunk, *extra_chunks)`` → pytree of arrays [b, ho, Wo, ...] for a
+        chunk of b images and ho output rows (x_chunk holds the input rows it needs, halo included).
+      x: [B, H, W, Ci].
+      padding: ((top, bottom), (left, right)), non-negative.
+      kernel_size: (kh, kw).
+      extras: arrays [B, Ho, Wo, ...] aligned with the output, cut like it.
+
+    Returns:
+      The pytree of ``fn`` with arrays [B, Ho, Wo, ...]. Whole images are grouped, at most
+      `MAX_CHUNK_IMAGES` and `MAX_CHUNK_PIXELS` output pixels per call (the group size divides
+      B); an image with more output pixels than that is cut into row bands of equal height, each
+      read with its kh − 1 halo rows (the last band padded below and cropped).
     """
-    batch, height, width, cin = x.shape
-    kh, kw, _, cout = w.shape
+    batch, height, width, _ = x.shape
+    kh, kw = kernel_size
     (top, bottom), cols = padding
     ho = height + top + bottom - kh + 1
     wo = width + cols[0] + cols[1] - kw + 1
     per_image = ho * wo
-    conv = functools.partial(_lax_conv, w=w, precision=precision, preferred_element_type=preferred_element_type)
+    extras = tuple(extras)
     if batch <= MAX_CHUNK_IMAGES and batch * per_image <= MAX_CHUNK_PIXELS:
-        return conv(x, padding=padding)
+        return fn(x, padding, *extras)
     if per_image <= MAX_CHUNK_PIXELS:
         group = max(d for d in range(1, MAX_CHUNK_IMAGES + 1) if batch % d == 0 and d * per_image <= MAX_CHUNK_PIXELS)
-        groups = x.reshape(batch // group, group, height, width, cin)
-        out = lax.map(lambda xs: conv(xs, padding=padding), groups)
-        return out.reshape(batch, ho, wo, out.shape[-1])
+
+        def split(a: Array) -> Array:
+            return a.reshape(batch // group, group, *a.shape[1:])
+
+        out = lax.map(lambda args: fn(args[0], padding, *args[1]), (split(x), tuple(map(split, extras))))
+        return jax.tree_util.tree_map(lambda a: a.reshape(batch, *a.shape[2:]), out)
     bands = -(-ho // max(1, MAX_CHUNK_PIXELS // wo))
     rows = -(-ho // bands)  # the fewest bands that fit, of equal height
     # Rows padded so that band i reads input rows [i·rows, i·rows + rows + kh − 1).
     x_pad = jnp.pad(x, ((0, 0), (top, bottom + bands * rows - ho), (0, 0), (0, 0)))
+    extras_pad = tuple(jnp.pad(e, ((0, 0), (0, bands * rows - ho)) + ((0, 0),) * (e.ndim - 2)) for e in extras)
 
-    def one_image(image: Array) -> Array:  # [H_pad, W, Ci] → [Ho, Wo, Co]
-        def band(i: Array) -> Array:
+    def one_image(args: tuple) -> Any:  # [H_pad, W, Ci] → [Ho, Wo, ...]
+        image, image_extras = args
+
+        def band(i: Array) -> Any:
             rows_in = lax.dynamic_slice_in_dim(image, i * rows, rows + kh - 1, axis=0)
-            return conv(rows_in[None], padding=((0, 0), cols))[0]
+            band_extras = (lax.dynamic_slice_in_dim(e, i * rows, rows, axis=0)[None] for e in image_extras)
+            return jax.tree_util.tree_map(lambda a: a[0], fn(rows_in[None], ((0, 0), cols), *band_extras))
 
-        return lax.map(band, jnp.arange(bands)).reshape(bands * rows, wo, cout)[:ho]
+        out = lax.map(band, jnp.arange(bands))
+        return jax.tree_util.tree_map(lambda a: a.reshape(bands * rows, *a.shape[2:])[:ho], out)
 
-    return lax.map(one_image, x_pad)
+    return lax.map(one_image, (x_pad, extras_pad))
+
+
+def chunked_conv(x: Array, w: Array, padding: tuple, precision: Any = None, preferred_element_type: Any = None):
+    """``xla_conv`` run as a loop over chunks: x [B, H, W, Ci] * w [kh, kw, Ci, Co] → [B, Ho, Wo, Co].
+
+    Chunks as in `map_conv_chunks`. The result equals one call up to float summation order (it is
+    the same arithmetic).
+    """
+
+    def conv(chunk: Array, pads: tuple) -> Array:
+        return xla_conv(chunk, w, pads, precision, preferred_element_type)
+
+    return map_conv_chunks(conv, x, padding, w.shape[:2])
 
 
 def input_gradient(dy: Array, w: Array, padding: tuple, precision: Any = None) -> Array:
