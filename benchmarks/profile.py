@@ -1,0 +1,177 @@
+"""Where a jitted ENLCN computation spends its time: per-op wall time from a jax.profiler trace.
+
+    python benchmarks/profile.py train_step --json benchmarks/results/profile_train_step_cpu.json
+    python benchmarks/profile.py inference --side 512 --json benchmarks/results/profile_inference_512_cpu.json
+
+Compiles the full ×4 train step (batch 16, LR patch 48, as `train_step.py`) or untiled ×4
+inference of one LR ``side``² image, runs it once untraced and once under ``jax.profiler.trace``,
+then attributes every microsecond of the traced run's wall time to the innermost XLA op running
+then (XLA:CPU runs some dots asynchronously: their time runs until their ``end:`` event). Ops are
+grouped by pass (forward / backward), by layer (trunk ResBlocks, upsampler stages, tail, attention,
+contrastive term) and by kind (convolution, dot, TopK, copies and elementwise fusions by XLA's
+fusion name), and the table lists the groups by time. Profiling costs a few per cent of speed; the
+untraced time is printed next to the traced one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from enlca_jax import models  # noqa: E402
+
+_LAYERS = ("upsampler/conv_0", "upsampler/conv_1", "upsampler", "tail", "contrastive", "attention", "resblocks",
+           "body_conv", "head")  # fmt: skip
+
+
+def op_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name → (opcode, op_name metadata) from a compiled module's text."""
+    info = {}
+    for match in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (?:\([^)]*\)|\S+) (\w[\w-]*)\((.*)$", hlo_text, re.M):
+        name, opcode, rest = match.groups()
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        info[name] = (opcode, op_name.group(1) if op_name else "")
+    return info
+
+
+def category(name: str, info: dict[str, tuple[str, str]]) -> str:
+    """'pass | layer | kind' of one HLO op."""
+    opcode, op_name = info.get(name, ("?", ""))
+    direction = "backward" if "transpose(jvp" in op_name else "forward"
+    layer = next((layer for layer in _LAYERS if layer in op_name), "other")
+    if "conv_general_dilated" in op_name or opcode == "convolution":
+        kind = "convolution"
+    elif "dot_general" in op_name or opcode == "dot":
+        kind = "dot"
+    elif opcode == "custom-call":
+        kind = "custom-call (TopK)"
+    else:
+        kind = re.sub(r"[.\d]+$", "", name).replace("wrapped_", "")
+    return f"{direction} | {layer} | {kind}"
+
+
+def attribute(trace_events: list[dict]) -> tuple[float, collections.Counter]:
+    """(wall seconds of the run, Counter op name → seconds while it was the innermost running op).
+
+    Ops are the trace's events that name an ``hlo_op``; an ``end: <op>`` event ends an op that the
+    executor dispatched asynchronously (its own event covers only the dispatch)."""
+    ops = [e for e in trace_events if e.get("ph") == "X" and ("hlo_op" in e.get("args", {}) or
+                                                           e["name"].startswith("end: "))]  # fmt: skip
+    run = max((e for e in trace_events if e.get("name") == "ThunkExecutor::Execute (wait for completion)"),
+              key=lambda e: e["dur"])  # fmt: skip
+    ends = collections.defaultdict(list)
+    for e in ops:
+        if e["name"].startswith("end: "):
+            ends[e["name"][5:]].append(e["ts"])
+    intervals = []
+    for e in ops:
+        if e["name"].startswith("end: "):
+            continue
+        stop = e["ts"] + e["dur"]
+        later = [t for t in ends.get(e["name"], ()) if t >= e["ts"]]
+        intervals.append((e["ts"], max(stop, min(later)) if later else stop, e["name"]))
+    points = sorted([(s, 1, i) for i, (s, _, _) in enumerate(intervals)] +
+                    [(t, -1, i) for i, (_, t, _) in enumerate(intervals)])  # fmt: skip
+    active: set[int] = set()
+    seconds: collections.Counter = collections.Counter()
+    last = run["ts"]
+    for t, kind, i in points:
+        if active:  # the latest-started op that is not a loop is the one running
+            inner = [k for k in active if not intervals[k][2].startswith("while")] or list(active)
+            seconds[intervals[max(inner, key=lambda k: intervals[k][0])][2]] += (t - last) / 1e6
+        else:
+            seconds["(no op running)"] += max(0.0, t - last) / 1e6
+        last = t
+        (active.add if kind == 1 else active.discard)(i)
+    seconds["(no op running)"] += max(0.0, run["ts"] + run["dur"] - last) / 1e6
+    return run["dur"] / 1e6, seconds
+
+
+def rollup(rows: list[dict], field: int, wall: float) -> list[dict]:
+    """Group rows by one field of 'pass | layer | kind' (1: layer; 2: kind, matmul-like ops together)."""
+    totals: collections.Counter = collections.Counter()
+    for row in rows:
+        parts = row["group"].split(" | ")
+        key = parts[field] if len(parts) == 3 else row["group"]
+        if field == 2 and key in ("convolution", "dot"):
+            key = "convolution or dot"
+        totals[key] += row["seconds"]
+    return [{"group": key, "seconds": seconds, "share": seconds / wall} for key, seconds in totals.most_common()]
+
+
+def computation(what: str, side: int):
+    """(jitted function, its arguments) for 'train_step' or 'inference'."""
+    if what == "inference":
+        model = models.ENLCN(scale=4)
+        variables = models.init_variables(model, jax.random.key(0))
+        x = jax.random.uniform(jax.random.key(side), (1, side, side, 3))
+        return jax.jit(lambda v, x: model.apply(v, x)), (variables, x)
+    from benchmarks import train_step
+    from configs import enlca_x4
+    from enlca_jax import train_lib
+
+    config = enlca_x4.get_config()
+    fn, model, tx = train_step.step_fn(config, True)
+    rng = np.random.default_rng(0)
+    batch = {"lr": rng.integers(0, 256, (16, 48, 48, 3), dtype=np.uint8),
+             "hr": rng.integers(0, 256, (16, 192, 192, 3), dtype=np.uint8)}  # fmt: skip
+    return jax.jit(fn), (train_lib.create_train_state(config, model, tx), batch)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("train_step", "inference"))
+    parser.add_argument("--side", type=int, default=512, help="LR side for inference")
+    parser.add_argument("--top", type=int, default=30, help="rows of the table")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    fn, fn_args = computation(args.what, args.side)
+    compiled = fn.lower(*fn_args).compile()
+    jax.block_until_ready(compiled(*fn_args))
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*fn_args))
+    untraced = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            jax.block_until_ready(compiled(*fn_args))
+        trace_file = glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz")[0]
+        with gzip.open(trace_file) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    wall, per_op = attribute(events)
+    info = op_metadata(compiled.as_text())
+    groups: collections.Counter = collections.Counter()
+    for name, seconds in per_op.items():
+        groups[category(name, info) if name in info else name] += seconds
+    rows = [{"group": group, "seconds": seconds, "share": seconds / wall} for group, seconds in groups.most_common()]
+    rollups = {"layer": rollup(rows, 1, wall), "kind": rollup(rows, 2, wall)}
+    print(f"{args.what}: traced run {wall:.2f} s (untraced {untraced:.2f} s)")
+    common.print_table(rows[: args.top], ["group", "seconds", "share"])
+    for field, table in rollups.items():
+        print(f"\nby {field}:")
+        common.print_table(table, ["group", "seconds", "share"])
+    top_ops = [{"op": name, "seconds": s, "group": category(name, info)} for name, s in per_op.most_common(40)]
+    common.write_json(args.json, {"benchmark": f"profile_{args.what}", "machine": common.machine_info(),
+                                  "side": args.side if args.what == "inference" else None, "traced_seconds": wall,
+                                  "untraced_seconds": untraced, "groups": rows, "by_layer": rollups["layer"],
+                                  "by_kind": rollups["kind"], "top_ops": top_ops})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
