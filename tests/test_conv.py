@@ -22,6 +22,17 @@ def random(shape, seed, dtype=jnp.float32):
     return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
 
 
+def assert_matches_lax(x, w, args):
+    """conv.conv_general_dilated's value of a random linear loss and its x, w gradients equal lax's."""
+    out_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, **args)).shape
+    cotangent = random(out_shape, 2)
+    ref_value, (ref_dx, ref_dw) = value_and_grads(jax.lax.conv_general_dilated, x, w, cotangent, **args)
+    value, (dx, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "kernel,padding,in_size",
     [
@@ -37,13 +48,7 @@ def test_matches_lax_values_and_gradients(kernel, padding, in_size):
     x = random((2, *in_size, 16), 0)
     w = random((*kernel, 16, 24), 1) * 0.1
     args = {"window_strides": (1, 1), "padding": padding, "dimension_numbers": NHWC}
-    out_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, **args)).shape
-    cotangent = random(out_shape, 2)
-    ref_value, (ref_dx, ref_dw) = value_and_grads(jax.lax.conv_general_dilated, x, w, cotangent, **args)
-    value, (dx, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+    assert_matches_lax(x, w, args)
 
 
 @pytest.mark.parametrize(
@@ -89,13 +94,7 @@ def test_thin_output_convs_match_lax(kernel, padding, in_size, cin, cout):
     args = {"window_strides": (1, 1), "padding": padding, "dimension_numbers": NHWC}
     jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, **args))(x, w))
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
-    out_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, **args)).shape
-    cotangent = random(out_shape, 2)
-    ref_value, (ref_dx, ref_dw) = value_and_grads(jax.lax.conv_general_dilated, x, w, cotangent, **args)
-    value, (dx, dw) = value_and_grads(conv.conv_general_dilated, x, w, cotangent, **args)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
+    assert_matches_lax(x, w, args)
     forward = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, **args))(x, w)
     np.testing.assert_allclose(forward, jax.lax.conv_general_dilated(x, w, **args), rtol=1e-5, atol=1e-5)
 
