@@ -156,7 +156,8 @@ class Upsampler(nn.Module):
     Called with ``tail`` = (kernel [3, 3, C, colors], bias), it returns the tail conv of the
     upsampled image instead, [B, sH, sW, colors]; with ``conv_impl`` resolving to the CPU path,
     the last stage, its shuffle and the tail are then computed fused, without forming the shuffled
-    image (`subpixel.upsample_and_tail`: the same function, faster, and 4 GiB less memory at LR 512²).
+    image (`subpixel.upsample_and_tail`: the same function, faster; LR 512² ×4 inference peaks at
+    2.9 GiB instead of 9.1).
     """
 
     scale: int
