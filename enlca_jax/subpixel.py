@@ -53,10 +53,7 @@ def _same_padding(kernel: Array) -> tuple:
 
 def _tap_outputs(u: Array, tail_kernel: Array, factor: int, precision: Any) -> Array:
     """u [b, h, w, r²·C] in (i, j, c) order → tail tap outputs per sub-pixel [b, h, w, r², kh·kw·Co] (float32)."""
-    sub = u.reshape(*u.shape[:3], factor * factor, -1)
-    dims = (((4,), (0,)), ((), ()))
-    return lax.dot_general(sub, conv.tap_matrix(tail_kernel), dims, precision=precision,
-                           preferred_element_type=jnp.float32)  # fmt: skip
+    return conv.tap_outputs(u.reshape(*u.shape[:3], factor * factor, -1), tail_kernel, precision)
 
 
 def _finish(z: Array, tail_kernel: Array, tail_bias: Array, factor: int, dtype: Any) -> Array:
@@ -127,19 +124,15 @@ def _forward(x, up_kernel, up_bias, tail_kernel, tail_bias, mask, factor, precis
 def _backward(factor, precision, residuals, dy):
     x, kernel, u, tail_kernel, mask = residuals
     batch, height, width, channels = u.shape
-    kh, kw, c, co = tail_kernel.shape
-    taps = kh * kw * co
     # Tail: dz per output pixel, un-shuffled to [B, H, W, r², T] (27 channels: cheap).
-    dz = conv.shifted_taps(dy.astype(u.dtype), (kh, kw), _same_padding(tail_kernel))
+    dz = conv.shifted_taps(dy.astype(u.dtype), tail_kernel.shape[:2], _same_padding(tail_kernel))
+    taps = dz.shape[-1]
     dz = dz.reshape(batch, height, factor, width, factor, taps).transpose(0, 1, 3, 2, 4, 5)
     dz = dz.reshape(batch, height, width, factor * factor, taps)
-    du = lax.dot_general(dz, conv.tap_matrix(tail_kernel), (((4,), (1,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)  # fmt: skip
+    sub = u.reshape(batch, height, width, factor * factor, -1)
+    du, d_tail = conv.tap_outputs_vjp(dz, sub, tail_kernel, precision)
     du = _masked(du.reshape(batch, height, width, channels), mask).astype(u.dtype)
-    rows = batch * height * width * factor * factor
-    d_tail = lax.dot_general(dz.reshape(rows, taps), u.reshape(rows, c), (((0,), (0,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)  # fmt: skip
-    d_tail = d_tail.reshape(kh, kw, co, c).transpose(0, 1, 3, 2).astype(tail_kernel.dtype)
+    d_tail = d_tail.astype(tail_kernel.dtype)
     d_tail_bias = jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.float32).astype(tail_kernel.dtype)
     # Up-conv: its own VJP (tap matmuls or XLA's), then the channel permutation undone.
     _, conv_vjp = jax.vjp(
