@@ -8,8 +8,10 @@ For each LR side s (s×s input, batch 1) and mode ('untiled': one jitted forward
 `inference.predict` with --tile LR tiles and global attention), it reports seconds, LR and SR
 megapixels per second, XLA's counted FLOPs and GFLOP/s next to a float32 matmul of the same run
 (untiled; the matmul is measured before and after, the higher is used), and the process's peak
-RSS. Untiled sizes whose activations would not fit in --max_untiled_gib are skipped (×4 at LR
-1024² needs over 24 GiB for the upsampler alone).
+RSS. Untiled sizes whose activations would not fit in --max_untiled_gib are skipped. The estimate
+still counts the last upsampler stage's output, which the CPU path no longer forms
+(`enlca_jax.subpixel`; LR 512² peaks at 2.9 GiB): it is conservative there, and LR 1024² is
+skipped untiled although it may now fit (not measured).
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -126,9 +125,7 @@ def computation(what: str, side: int):
 
     config = enlca_x4.get_config()
     fn, model, tx = train_step.step_fn(config, True)
-    rng = np.random.default_rng(0)
-    batch = {"lr": rng.integers(0, 256, (16, 48, 48, 3), dtype=np.uint8),
-             "hr": rng.integers(0, 256, (16, 192, 192, 3), dtype=np.uint8)}  # fmt: skip
+    batch = train_step.synthetic_batch(16, config.data.patch_size, config.model.scale)
     return jax.jit(fn), (train_lib.create_train_state(config, model, tx), batch)
 
 

@@ -27,6 +27,15 @@ from configs import enlca_x4  # noqa: E402
 from enlca_jax import conv, train_lib  # noqa: E402
 
 
+def synthetic_batch(batch: int, patch: int, scale: int) -> dict[str, np.ndarray]:
+    """Random uint8 LR [batch, patch, patch, 3] and HR [batch, scale·patch, scale·patch, 3] patches."""
+    rng = np.random.default_rng(0)
+    return {
+        "lr": rng.integers(0, 256, (batch, patch, patch, 3), dtype=np.uint8),
+        "hr": rng.integers(0, 256, (batch, patch * scale, patch * scale, 3), dtype=np.uint8),
+    }
+
+
 def step_fn(config, with_contrastive: bool, conv_impl: str | None = None):
     """(train_step with everything but state and batch bound, its model, its optimiser)."""
     if conv_impl is not None:
@@ -68,12 +77,7 @@ def main(argv=None) -> int:
     config.data.patch_size = args.patch
     config.model.conv_impl = args.conv_impl
     common.apply_unchunked_flag(args)
-    rng = np.random.default_rng(0)
-    s = config.model.scale
-    batch = {
-        "lr": rng.integers(0, 256, (args.batch, args.patch, args.patch, 3), dtype=np.uint8),
-        "hr": rng.integers(0, 256, (args.batch, args.patch * s, args.patch * s, 3), dtype=np.uint8),
-    }
+    batch = synthetic_batch(args.batch, args.patch, config.model.scale)
     matmul = common.matmul_gflops()
     rows = []
     cases = [("full step (L1 + contrastive)", True, "enla")]
