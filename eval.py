@@ -6,7 +6,9 @@
     python eval.py --workdir runs/enlca_x4 --input photos/ --output upscaled/
 
 Prints a table of Y-PSNR/SSIM per set and writes results.json and results.csv into --output.
-Only parses flags and calls `enlca_jax.eval_lib`.
+Only parses flags and calls `enlca_jax.eval_lib`. On Linux with glibc it first restarts itself once
+with malloc tunables that keep freed host memory for reuse (`enlca_jax.host_memory`;
+ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults).
 """
 
 import logging
@@ -15,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from enlca_jax import eval_lib
+from enlca_jax import eval_lib, host_memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -79,4 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_retained_memory()
     app.run(main)

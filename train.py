@@ -3,6 +3,10 @@
 Only parses flags and calls `enlca_jax.train_lib.train_and_evaluate`. Running again with the same
 --workdir resumes from its latest checkpoint. Override config fields with --config.FIELD=VALUE
 (e.g. --config.batch_size=32); a misspelt field is an error.
+
+On Linux with glibc it first restarts itself once with malloc tunables that keep freed host
+memory for the next step (`enlca_jax.host_memory`: ≈ 10 % faster CPU steps);
+ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults.
 """
 
 import logging
@@ -10,7 +14,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from enlca_jax import train_lib
+from enlca_jax import host_memory, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -36,4 +40,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_retained_memory()
     app.run(main)

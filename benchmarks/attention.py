@@ -27,7 +27,7 @@ import psutil
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import attention  # noqa: E402
+from enlca_jax import attention, host_memory  # noqa: E402
 
 
 def _loss(fn):
@@ -147,4 +147,5 @@ def plot(payload, path) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_retained_memory()
     sys.exit(main())

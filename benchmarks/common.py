@@ -32,6 +32,7 @@ def machine_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # enlca_jax.host_memory
     }
 
 

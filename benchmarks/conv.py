@@ -21,7 +21,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import conv  # noqa: E402
+from enlca_jax import conv, host_memory  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = {  # name: (side, in channels, out channels) at batch 16
@@ -74,4 +74,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_retained_memory()
     sys.exit(main())

@@ -28,7 +28,7 @@ import psutil
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import inference, models  # noqa: E402
+from enlca_jax import host_memory, inference, models  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -86,4 +86,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_retained_memory()
     sys.exit(main())

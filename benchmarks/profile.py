@@ -31,7 +31,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import models  # noqa: E402
+from enlca_jax import host_memory, models  # noqa: E402
 
 _LAYERS = ("upsampler/conv_0", "upsampler/conv_1", "upsampler", "tail", "contrastive", "attention", "resblocks",
            "body_conv", "head")  # fmt: skip
@@ -171,4 +171,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_retained_memory()
     sys.exit(main())

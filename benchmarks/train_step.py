@@ -24,7 +24,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 
 from benchmarks import common  # noqa: E402
 from configs import enlca_x4  # noqa: E402
-from enlca_jax import conv, train_lib  # noqa: E402
+from enlca_jax import conv, host_memory, train_lib  # noqa: E402
 
 
 def synthetic_batch(batch: int, patch: int, scale: int) -> dict[str, np.ndarray]:
@@ -123,4 +123,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_retained_memory()
     sys.exit(main())
