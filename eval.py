@@ -11,13 +11,18 @@ with malloc tunables that keep freed host memory for reuse (`enlca_jax.host_memo
 ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults).
 """
 
-import logging
-import sys
+from enlca_jax import host_memory
 
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # first: the imports below would otherwise run again after the restart
+    host_memory.reexec_with_retained_memory()
 
-from enlca_jax import eval_lib, host_memory
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from enlca_jax import eval_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -81,5 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory()
     app.run(main)

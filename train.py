@@ -9,12 +9,17 @@ memory for the next step (`enlca_jax.host_memory`: ≈ 10 % faster CPU steps);
 ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults.
 """
 
-import logging
+from enlca_jax import host_memory
 
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # first: the imports below would otherwise run again after the restart
+    host_memory.reexec_with_retained_memory()
 
-from enlca_jax import host_memory, train_lib
+import logging  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from enlca_jax import train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -40,5 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory()
     app.run(main)
