@@ -7,7 +7,8 @@
 For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch images, it times the
 forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
 skipped where its N×N scores would not fit in --max_exact_gib), and of a whole ENLCA block (256
-channels) in training mode with and without the contrastive term. Memory is XLA's compiled memory
+channels) in training mode with and without the contrastive term. Each time is the median over at
+least --repeats calls and 3 s of calls after one warm-up, as for the matmul. Memory is XLA's compiled memory
 analysis (arguments + outputs + temporaries) and the process RSS after the case. Also reports ENLA's
 achieved GFLOP/s (XLA-counted FLOPs / time) next to a float32 matmul measured in the same run
 (before and after; the higher is used).
@@ -36,7 +37,8 @@ def _loss(fn):
 
 def measure(name, fn, args, repeats, flops_fn=None):
     compiled, flops, memory = common.compiled_cost(fn, *args, flops_fn=flops_fn)
-    seconds = common.time_fn(lambda: compiled(*args), repeats=repeats)
+    # Timed as the matmul reference is: the median over at least `repeats` calls and 3 s of calls.
+    seconds = common.time_fn(lambda: compiled(*args), repeats=repeats, min_seconds=3.0)
     total = sum(memory.values()) / 2**20
     return {
         "case": name, "seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9,
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="32,48,64,96,128,192", help="comma-separated sides s (N = s²)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per case")
     parser.add_argument("--max_exact_gib", type=float, default=6.0, help="skip exact attention above this")
     parser.add_argument("--max_contrastive_n", type=int, default=96**2, help="skip the contrastive term above N")
     parser.add_argument("--json")

@@ -41,29 +41,36 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` (its result blocked on), after ``warmup`` calls."""
+def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
+    """Median wall seconds of ``fn()`` (its result blocked on), after ``warmup`` calls.
+
+    Times at least ``repeats`` calls and, for calls shorter than ``min_seconds / repeats``, as many
+    as fill ``min_seconds`` (estimated from the first timed call): single short calls on a shared
+    2-core machine vary by up to 2× from moment to moment, and the first few after compilation are
+    slower while the allocator's heap grows.
+    """
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
-    for _ in range(repeats):
+    target = repeats
+    while len(times) < target:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
+        if len(times) == 1 and min_seconds > 0:
+            target = max(repeats, int(min_seconds / max(times[0], 1e-6)))
     return float(np.median(times))
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5, min_seconds: float = 3.0) -> float:
     """Achieved float32 GFLOP/s of a jitted size×size matmul (the machine's reference figure).
 
-    The median over at least ``repeats`` calls and ``min_seconds`` of calls: on a shared 2-core
-    machine single calls vary by up to 2× from moment to moment.
+    The median over at least ``repeats`` calls and ``min_seconds`` of calls (`time_fn`).
     """
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
     fn = jax.jit(lambda a, b: a @ b)
-    once = time_fn(lambda: fn(a, b), repeats=1)
-    seconds = time_fn(lambda: fn(a, b), repeats=max(repeats, int(min_seconds / max(once, 1e-6))), warmup=0)
+    seconds = time_fn(lambda: fn(a, b), repeats=repeats, min_seconds=min_seconds)
     return 2 * size**3 / seconds / 1e9
 
 
