@@ -9,11 +9,33 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# XLA:CPU's concurrency-optimised thunk scheduler deadlocks (all threads idle, never returns) on
-# the full ENLCN (32 ResBlocks, 5 ENLCA blocks: forward, train step, any batch) with jax 0.10.2,
-# while 16 ResBlocks run. Turning the scheduler off fixes it; it only affects the CPU backend and
-# must be set before jax initialises its backends, hence here. Set the flag yourself in XLA_FLAGS
-# to override.
-_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-if _FLAG not in _os.environ.get("XLA_FLAGS", ""):
-    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=false").strip()
+# XLA:CPU defaults set here, before jax initialises its backends (they only affect the CPU
+# backend). Naming a flag yourself in XLA_FLAGS overrides ours.
+#
+# The concurrency-optimised thunk scheduler deadlocks (all threads idle, never returns) on the
+# full ENLCN (32 ResBlocks, 5 ENLCA blocks: forward, train step, any batch) with jax 0.10.2, while
+# 16 ResBlocks run; turning it off fixes that.
+#
+# YNNPACK fusions (dots fused with the elementwise ops around them) make ENLA's forward+backward
+# slower and noisier (N = 96², batch 4, 2 cores: median 150-168 ms with them, 125-131 ms without;
+# the constants they take are materialised as full arrays), while the convolutions, the 2048²
+# matmul and the ×4 train step run as fast without them (benchmarks/README numbers). The flag
+# exists from jaxlib 0.10 on; an unknown flag in XLA_FLAGS aborts XLA, so other versions are
+# left alone.
+_FLAGS = {"--xla_cpu_enable_concurrency_optimized_scheduler": "false"}
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    from importlib import metadata  # noqa: PLC0415
+
+    try:
+        return tuple(int(part) for part in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return ()
+
+
+if _jaxlib_version() == (0, 10):
+    _FLAGS["--xla_cpu_experimental_ynn_fusion_type"] = ""
+for _flag, _value in _FLAGS.items():
+    if _flag not in _os.environ.get("XLA_FLAGS", ""):
+        _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_flag}={_value}").strip()
