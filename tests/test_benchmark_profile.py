@@ -28,7 +28,29 @@ def test_attribute_innermost_op_async_dots_and_gaps():
     assert seconds["dot.7"] == pytest.approx(20e-6)
     assert seconds["while.3"] == pytest.approx(20e-6)  # 0-5, 25-30, 50-60
     assert seconds["copy.2"] == pytest.approx(20e-6)
-    assert seconds["(no op running)"] == pytest.approx(20e-6)  # 60-70 and 90-100
+    assert seconds["(no op running)"] == pytest.approx(10e-6)  # 60-70
+    assert seconds["(after the last traced op)"] == pytest.approx(10e-6)  # 90-100
+    assert sum(seconds.values()) == pytest.approx(wall)
+
+
+def test_each_end_closes_the_oldest_open_dispatch_of_its_op():
+    # A conv in a loop body: iteration 2 is dispatched (at 40) before iteration 1 ends (at 45);
+    # iteration 3 (at 91) has no end event, as a loop's last iteration in XLA:CPU traces.
+    events = [
+        event("ThunkExecutor::Execute (wait for completion)", 0, 100, op=False),
+        event("while.1", 0, 100),
+        event("conv.0", 0, 1),
+        event("conv.0", 40, 1, tid=2),
+        event("end: conv.0", 45, 0, tid=3, op=False),
+        event("end: conv.0", 90, 0, tid=3, op=False),
+        event("conv.0", 91, 1),
+        event("copy.1", 97, 3),
+    ]
+    wall, seconds = profile.attribute(events)
+    assert seconds["conv.0"] == pytest.approx(96e-6)  # 0-90 and 91-97 (until copy.1 starts)
+    assert seconds["while.1"] == pytest.approx(1e-6)
+    assert seconds["copy.1"] == pytest.approx(3e-6)
+    assert seconds["(no op running)"] == 0
     assert sum(seconds.values()) == pytest.approx(wall)
 
 
