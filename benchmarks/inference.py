@@ -3,6 +3,7 @@
     python benchmarks/inference.py --json benchmarks/results/inference_cpu.json
     python benchmarks/inference.py --sizes 128,256 --modes untiled,tiled
     python benchmarks/inference.py --sizes 512 --modes untiled --unchunked   # one XLA call per conv
+    python benchmarks/inference.py --sizes 1024 --modes untiled --warmup 0   # one call of ≈ 10 minutes
 
 For each LR side s (s×s input, batch 1) and mode ('untiled': one jitted forward; 'tiled':
 `inference.predict` with --tile LR tiles and global attention), it reports seconds, LR and SR
@@ -15,6 +16,7 @@ outputs and temporaries) exceeds --max_untiled_gib.
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 import time
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="untiled,tiled")
     parser.add_argument("--tile", type=int, default=128, help="LR tile side for the tiled mode")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (untiled)")
     parser.add_argument("--max_untiled_gib", type=float, default=16.0, help="skip untiled sizes that need more")
     common.add_unchunked_flag(parser)
     parser.add_argument("--json")
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
                     print(f"skip untiled {side}²: XLA needs {sum(memory.values()) / 2**30:.1f} GiB "
                           f"> --max_untiled_gib {args.max_untiled_gib}", flush=True)  # fmt: skip
                     continue
-                seconds = common.time_fn(lambda c=compiled, x=x: c(variables, x), repeats=args.repeats)
+                call = functools.partial(compiled, variables, x)
+                seconds = common.time_fn(call, repeats=args.repeats, warmup=args.warmup)
                 row.update(gflop=flops / 1e9, gflops_per_s=flops / seconds / 1e9, xla_gib=sum(memory.values()) / 2**30)
             else:
                 inference.predict_tiled(model, variables, jnp.zeros((1, side, side, 3)), args.tile)  # compile
