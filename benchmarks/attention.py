@@ -8,10 +8,10 @@ For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch i
 forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
 skipped where its N×N scores would not fit in --max_exact_gib), and of a whole ENLCA block (256
 channels) in training mode with and without the contrastive term. Each time is the median over at
-least --repeats calls and 3 s of calls after one warm-up, as for the matmul. Memory is XLA's compiled memory
-analysis (arguments + outputs + temporaries) and the process RSS after the case. Also reports ENLA's
-achieved GFLOP/s (XLA-counted FLOPs / time) next to a float32 matmul measured in the same run
-(before and after; the higher is used).
+least --repeats calls and 3 s of calls after one warm-up, as for the matmul. Memory is XLA's
+compiled memory analysis (arguments + outputs + temporaries) and the process RSS after the case.
+Also reports ENLA's achieved GFLOP/s (XLA-counted FLOPs / time) next to a float32 matmul measured
+in the same run (before and after; the higher is used).
 """
 
 from __future__ import annotations

@@ -19,9 +19,8 @@ __version__ = "0.1.0"
 # YNNPACK fusions (dots fused with the elementwise ops around them) make ENLA's forward+backward
 # slower and noisier (N = 96², batch 4, 2 cores: median 150-168 ms with them, 125-131 ms without;
 # the constants they take are materialised as full arrays), while the convolutions, the 2048²
-# matmul and the ×4 train step run as fast without them (benchmarks/README numbers). The flag
-# exists from jaxlib 0.10 on; an unknown flag in XLA_FLAGS aborts XLA, so other versions are
-# left alone.
+# matmul and the ×4 train step run as fast without them (numbers in the README). It is set only
+# on jaxlib 0.10, where it was measured: an unknown flag in XLA_FLAGS aborts XLA.
 _FLAGS = {"--xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
