@@ -57,13 +57,14 @@ def main(argv=None) -> int:
                 compiled, flops, memory = common.compiled_cost(
                     lambda v, x: model.apply(v, x), variables, x, flops_fn=lambda v, x: loop_free.apply(v, x)
                 )
-                if sum(memory.values()) / 2**30 > args.max_untiled_gib:
-                    print(f"skip untiled {side}²: XLA needs {sum(memory.values()) / 2**30:.1f} GiB "
-                          f"> --max_untiled_gib {args.max_untiled_gib}", flush=True)  # fmt: skip
+                xla_gib = sum(memory.values()) / 2**30
+                if xla_gib > args.max_untiled_gib:
+                    print(f"skip untiled {side}²: XLA needs {xla_gib:.1f} GiB > --max_untiled_gib "
+                          f"{args.max_untiled_gib}", flush=True)  # fmt: skip
                     continue
                 call = functools.partial(compiled, variables, x)
                 seconds = common.time_fn(call, repeats=args.repeats, warmup=args.warmup)
-                row.update(gflop=flops / 1e9, gflops_per_s=flops / seconds / 1e9, xla_gib=sum(memory.values()) / 2**30)
+                row.update(gflop=flops / 1e9, gflops_per_s=flops / seconds / 1e9, xla_gib=xla_gib)
             else:
                 inference.predict_tiled(model, variables, jnp.zeros((1, side, side, 3)), args.tile)  # compile
                 start = time.perf_counter()
