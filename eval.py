@@ -7,14 +7,14 @@
 
 Prints a table of Y-PSNR/SSIM per set and writes results.json and results.csv into --output.
 Only parses flags and calls `enlca_jax.eval_lib`. On Linux with glibc it first restarts itself once
-with malloc tunables that keep freed host memory for reuse (`enlca_jax.host_memory`;
-ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults).
+with malloc tunables that keep freed host memory for reuse, all threads sharing one heap
+(`enlca_jax.host_memory`; ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults).
 """
 
 from enlca_jax import host_memory
 
 if __name__ == "__main__":  # first: the imports below would otherwise run again after the restart
-    host_memory.reexec_with_retained_memory()
+    host_memory.reexec_with_retained_memory(single_arena=True)
 
 import logging  # noqa: E402
 import sys  # noqa: E402

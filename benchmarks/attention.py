@@ -149,5 +149,5 @@ def plot(payload, path) -> None:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory()
+    host_memory.reexec_with_retained_memory(single_arena=True)  # the same calls again and again
     sys.exit(main())

@@ -88,5 +88,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory()
+    host_memory.reexec_with_retained_memory(single_arena=True)  # as eval.py
     sys.exit(main())
