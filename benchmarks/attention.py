@@ -3,6 +3,7 @@
     python benchmarks/attention.py --json benchmarks/results/attention_cpu.json \
         --plot benchmarks/results/attention_cpu.png
     python benchmarks/attention.py --sizes 96 --json OUT.json          # one size
+    python benchmarks/attention.py --single_arena --json OUT.json      # one malloc arena, as eval.py
 
 For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch images, it times the
 forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
@@ -71,6 +72,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per case")
     parser.add_argument("--max_exact_gib", type=float, default=6.0, help="skip exact attention above this")
     parser.add_argument("--max_contrastive_n", type=int, default=96**2, help="skip the contrastive term above N")
+    parser.add_argument(
+        "--single_arena",
+        action="store_true",
+        help="run with one glibc malloc arena, as eval.py (enlca_jax.host_memory); by default glibc's arenas, as "
+        "train.py. ENLA is faster with one arena, but exact attention's 1.4 GiB buffers fragment that one heap "
+        "(RSS and time then vary from call to call), so speed-ups against exact attention are not comparable",
+    )
     parser.add_argument("--json")
     parser.add_argument("--plot", help="write a log-log plot of time and memory versus N")
     args = parser.parse_args(argv)
@@ -118,6 +126,7 @@ def main(argv=None) -> int:
             print(f"N = {n}: ENLA fwd+bwd {ratios[n]['speedup_fwd_bwd']:.1f}× faster, "
                   f"{ratios[n]['memory_ratio_fwd_bwd']:.1f}× less memory than exact attention")  # fmt: skip
     payload = {"benchmark": "attention", "machine": common.machine_info(), "batch": args.batch,
+               "single_arena": args.single_arena,
                "matmul_gflops_per_s": matmul, "matmul_before_gflops_per_s": matmul_before, "rows": rows,
                "exact_over_enla": ratios}  # fmt: skip
     common.write_json(args.json, payload)
@@ -149,5 +158,5 @@ def plot(payload, path) -> None:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory(single_arena=True)  # the same calls again and again
+    host_memory.reexec_with_retained_memory(single_arena="--single_arena" in sys.argv[1:])
     sys.exit(main())
