@@ -21,8 +21,9 @@ ends that, and the heap then lies almost entirely in transparent huge pages. Mea
 ENLA forward+backward (N = 96², batch 4) 114–121 → 108–110 ms. It does not suit training: with
 the state donated step after step, the one heap fragments (×4 train loop, batch 16: RSS 7.8,
 14.1, 14.1, 14.1, 20.5, 20.5 GiB after steps 0–5; steps 71–72 s where the heap did not grow,
-against 78.5 s and 9.1 GiB peak in `benchmarks/train_step.py` with glibc's arenas). So ``eval.py``
-and the inference and attention benchmarks ask for it (``single_arena=True``); ``train.py`` does not.
+against 78.5 s and 9.1 GiB peak in `benchmarks/train_step.py` with glibc's arenas), and so can
+exact attention's 1.4 GiB buffers. So ``eval.py`` and the inference benchmarks ask for it
+(``single_arena=True``; ``benchmarks/attention.py`` with ``--single_arena``); ``train.py`` does not.
 
 glibc reads its tunables only when a process starts, so `reexec_with_retained_memory` restarts
 the running program once with them (``os.execve``: same process id, same interpreter options and
