@@ -194,5 +194,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     # One heap for inference (as eval.py); the train step keeps glibc's arenas, as train.py.
-    host_memory.reexec_with_retained_memory(single_arena=sys.argv[1:2] == ["inference"])
+    host_memory.reexec_with_retained_memory(single_arena="inference" in sys.argv[1:])
     sys.exit(main())
