@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import sys
 
@@ -66,7 +67,10 @@ def block_case(size, batch, contrastive, repeats):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: `__main__` looks for the exact --single_arena before argparse runs.
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--sizes", default="32,48,64,96,128,192", help="comma-separated sides s (N = s²)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per case")
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
             print(f"N = {n}: ENLA fwd+bwd {ratios[n]['speedup_fwd_bwd']:.1f}× faster, "
                   f"{ratios[n]['memory_ratio_fwd_bwd']:.1f}× less memory than exact attention")  # fmt: skip
     payload = {"benchmark": "attention", "machine": common.machine_info(), "batch": args.batch,
-               "single_arena": args.single_arena,
+               "single_arena": host_memory.SINGLE_ARENA in os.environ.get("GLIBC_TUNABLES", "").split(":"),
                "matmul_gflops_per_s": matmul, "matmul_before_gflops_per_s": matmul_before, "rows": rows,
                "exact_over_enla": ratios}  # fmt: skip
     common.write_json(args.json, payload)
