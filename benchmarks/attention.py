@@ -4,15 +4,19 @@
         --plot benchmarks/results/attention_cpu.png
     python benchmarks/attention.py --sizes 96 --json OUT.json          # one size
     python benchmarks/attention.py --single_arena --json OUT.json      # one malloc arena, as eval.py
+    python benchmarks/attention.py --min_seconds 1 --max_exact_gib 20 \
+        --json benchmarks/results/attention_h100.json                  # on a GPU
 
 For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch images, it times the
 forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
 skipped where its N×N scores would not fit in --max_exact_gib), and of a whole ENLCA block (256
 channels) in training mode with and without the contrastive term. Each time is the median over at
-least --repeats calls and 3 s of calls after one warm-up, as for the matmul. Memory is XLA's
-compiled memory analysis (arguments + outputs + temporaries) and the process RSS after the case.
-Also reports ENLA's achieved GFLOP/s (XLA-counted FLOPs / time) next to a float32 matmul measured
-in the same run (before and after; the higher is used).
+least --repeats calls and --min_seconds of calls after one warm-up, as for the matmul (on a GPU or
+TPU, calls under 10 ms are timed in back-to-back groups: `benchmarks.common.time_fn`). Memory is
+XLA's compiled memory analysis (arguments + outputs + temporaries), and the process RSS after the
+case (on an accelerator also the device allocator's in-use and peak-so-far bytes). Also reports
+ENLA's achieved GFLOP/s (XLA-counted FLOPs / time) next to a float32 matmul measured in the same
+run (before and after; the higher is used; 2048² on the CPU, 8192² on an accelerator).
 """
 
 from __future__ import annotations
@@ -37,18 +41,19 @@ def _loss(fn):
     return lambda q, k, v, f: jnp.sum(fn(q, k, v, f) ** 2)
 
 
-def measure(name, fn, args, repeats, flops_fn=None):
+def measure(name, fn, args, repeats, min_seconds, flops_fn=None):
     compiled, flops, memory = common.compiled_cost(fn, *args, flops_fn=flops_fn)
-    # Timed as the matmul reference is: the median over at least `repeats` calls and 3 s of calls.
-    seconds = common.time_fn(lambda: compiled(*args), repeats=repeats, min_seconds=3.0)
+    # Timed as the matmul reference is: the median over at least `repeats` calls and
+    # `min_seconds` of calls.
+    seconds = common.time_fn(lambda: compiled(*args), repeats=repeats, min_seconds=min_seconds)
     total = sum(memory.values()) / 2**20
     return {
         "case": name, "seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9,
-        "xla_mib": total, "rss_gib": psutil.Process().memory_info().rss / 2**30,
+        "xla_mib": total, "rss_gib": psutil.Process().memory_info().rss / 2**30, **common.device_memory(),
     }  # fmt: skip
 
 
-def block_case(size, batch, contrastive, repeats):
+def block_case(size, batch, contrastive, repeats, min_seconds):
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 256))
     variables = attention.ENLCA().init(jax.random.key(1), x)
 
@@ -63,7 +68,7 @@ def block_case(size, batch, contrastive, repeats):
     name = f"ENLCA block fwd+bwd{' + contrastive' if contrastive else ''}"
     # FLOPs counted with XLA's own convolutions: chunked ones are loops (common.counted_flops).
     flops_fn = loss_of(attention.ENLCA(conv_impl="xla"))
-    return measure(name, loss_of(attention.ENLCA()), (variables["params"], x), repeats, flops_fn=flops_fn)
+    return measure(name, loss_of(attention.ENLCA()), (variables["params"], x), repeats, min_seconds, flops_fn=flops_fn)
 
 
 def main(argv=None) -> int:
@@ -74,6 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="32,48,64,96,128,192", help="comma-separated sides s (N = s²)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per case")
+    parser.add_argument(
+        "--min_seconds", type=float, default=3.0, help="and at least this many seconds of timed calls per case"
+    )
     parser.add_argument("--max_exact_gib", type=float, default=6.0, help="skip exact attention above this")
     parser.add_argument("--max_contrastive_n", type=int, default=96**2, help="skip the contrastive term above N")
     parser.add_argument(
@@ -103,22 +111,24 @@ def main(argv=None) -> int:
             cases += [("exact fwd", attention.softmax_attention),
                       ("exact fwd+bwd", jax.grad(_loss(attention.softmax_attention), argnums=(0, 1, 2)))]  # fmt: skip
         for name, fn in cases:
-            row = measure(name, fn, (q, k, v, f), args.repeats)
+            row = measure(name, fn, (q, k, v, f), args.repeats, args.min_seconds)
             rows.append({"n": n, "side": size, **row})
             print(rows[-1], flush=True)
         for contrastive in (False, True):
             if contrastive and n > args.max_contrastive_n:
                 continue
-            rows.append({"n": n, "side": size, **block_case(size, args.batch, contrastive, args.repeats)})
+            case = block_case(size, args.batch, contrastive, args.repeats, args.min_seconds)
+            rows.append({"n": n, "side": size, **case})
             print(rows[-1], flush=True)
     # Ratios for the attention functions; the blocks' 1×1 convs and contrastive term are not ENLA.
     matmul_before, matmul = (
         matmul,
         common.add_matmul_ratios(rows, matmul, where=lambda row: not row["case"].startswith("ENLCA block")),
     )
-    print(f"\nbatch {args.batch}, D 64, Cv 256, m 128; float32 matmul 2048²: {matmul:.1f} GFLOP/s "
+    print(f"\nbatch {args.batch}, D 64, Cv 256, m 128; float32 matmul {common.matmul_size()}²: {matmul:.1f} GFLOP/s "
           f"(before: {matmul_before:.1f}; the higher is used)")  # fmt: skip
-    common.print_table(rows, ["n", "case", "seconds", "gflops_per_s", "of_matmul", "xla_mib", "rss_gib"])
+    memory = "device_peak_gib" if common.on_accelerator() else "rss_gib"
+    common.print_table(rows, ["n", "case", "seconds", "gflops_per_s", "of_matmul", "xla_mib", memory])
     ratios = {}
     for n in sorted({r["n"] for r in rows}):
         by = {r["case"]: r for r in rows if r["n"] == n}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -20,14 +21,25 @@ import numpy as np
 from enlca_jax import conv
 
 
+def on_accelerator() -> bool:
+    """True when jax's default backend is a GPU or TPU (not the CPU)."""
+    return jax.default_backend() != "cpu"
+
+
 def machine_info() -> dict[str, Any]:
     device = jax.devices()[0]
+    limit = device_memory().get("device_limit_gib")
     return {
         "python": sys.version.split()[0],
         "jax": jax.__version__,
         "platform": device.platform,
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
+        "device_memory_gib": limit,  # what XLA's allocator may use on an accelerator; None on the CPU
+        # Precision of float32 products for the benchmarks and the matmul reference alike (None:
+        # XLA's default, which on NVIDIA GPUs may use TF32 tensor cores).
+        "default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "matmul_size": matmul_size(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "processor": platform.processor(),
@@ -41,32 +53,77 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
+def device_memory() -> dict[str, float]:
+    """Accelerator memory of device 0 in GiB: in use now, the peak so far (over the whole process)
+    and the allocator's limit; empty where the backend keeps no such statistics (the CPU)."""
+    stats = jax.devices()[0].memory_stats() if on_accelerator() else None
+    if not stats:
+        return {}
+    names = {"bytes_in_use": "device_in_use_gib", "peak_bytes_in_use": "device_peak_gib",
+             "bytes_limit": "device_limit_gib"}  # fmt: skip
+    return {name: stats[key] / 2**30 for key, name in names.items() if key in stats}
+
+
+def _timed_group(fn: Callable[[], Any], calls: int) -> float:
+    """Wall seconds per call of ``calls`` calls dispatched back to back, blocked on the last."""
+    start = time.perf_counter()
+    for _ in range(calls - 1):
+        fn()
+    jax.block_until_ready(fn())
+    return (time.perf_counter() - start) / calls
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    repeats: int = 3,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    group_seconds: float | None = None,
+) -> float:
     """Median wall seconds of ``fn()`` (its result blocked on), after ``warmup`` calls.
 
     Times at least ``repeats`` calls and, for calls shorter than ``min_seconds / repeats``, as many
     as fill ``min_seconds`` (estimated from the first timed call): single short calls on a shared
     2-core machine vary by up to 2× from moment to moment, and the first few after compilation are
     slower while the allocator's heap grows.
+
+    Calls shorter than ``group_seconds`` are timed in groups dispatched back to back and blocked on
+    once, each sample being the group's time per call: on an accelerator a lone blocked call of
+    a few microseconds to milliseconds would mostly time the launch and the host's wait for the
+    result, where a training loop keeps the device busy. ``None`` means 10 ms on an accelerator and
+    0 (every call blocked on alone) on the CPU, whose calls the benchmarks keep long.
     """
+    if group_seconds is None:
+        group_seconds = 0.01 if on_accelerator() else 0.0
     for _ in range(warmup):
         jax.block_until_ready(fn())
+    calls = 1
+    if group_seconds > 0:
+        probe = _timed_group(fn, 1)
+        if probe < group_seconds:
+            calls = math.ceil(group_seconds / max(probe, 1e-7))
     times = []
     target = repeats
     while len(times) < target:
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
+        times.append(_timed_group(fn, calls))
         if len(times) == 1 and min_seconds > 0:
-            target = max(repeats, int(min_seconds / max(times[0], 1e-6)))
+            target = max(repeats, int(min_seconds / max(times[0] * calls, 1e-6)))
     return float(np.median(times))
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5, min_seconds: float = 3.0) -> float:
+def matmul_size() -> int:
+    """Side of the reference matmul: 2048 on the CPU; 8192 on an accelerator, whose 2048² product
+    (≈ 17 GFLOP) would take tens of microseconds and time the launch rather than the chip."""
+    return 8192 if on_accelerator() else 2048
+
+
+def matmul_gflops(size: int | None = None, repeats: int = 5, min_seconds: float = 3.0) -> float:
     """Achieved float32 GFLOP/s of a jitted size×size matmul (the machine's reference figure).
 
-    The median over at least ``repeats`` calls and ``min_seconds`` of calls (`time_fn`).
+    ``size`` defaults to `matmul_size`. The median over at least ``repeats`` calls and
+    ``min_seconds`` of calls (`time_fn`).
     """
+    size = size or matmul_size()
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
     fn = jax.jit(lambda a, b: a @ b)

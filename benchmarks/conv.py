@@ -5,8 +5,9 @@
 For each 3×3 convolution shape of the ×4 train step (batch 16, LR patch 48): trunk 256→256 at 48²,
 upsampler 256→1024 at 48² and 96², tail 256→3 at 192², head 3→256 at 48²), times forward, the input
 gradient and the kernel gradient alone, and the whole fwd+bwd with ``conv_impl='xla'``
-(``jax.lax.conv_general_dilated``) and ``'tap_matmul'`` (`enlca_jax.conv`), next to a 2048² float32
-matmul measured in the same run. GFLOP/s are the direct convolution's 2·B·H·W·Ci·Co·9 per pass.
+(``jax.lax.conv_general_dilated``) and ``'tap_matmul'`` (`enlca_jax.conv`), next to a float32
+matmul (2048², 8192² on an accelerator) measured in the same run. GFLOP/s are the direct
+convolution's 2·B·H·W·Ci·Co·9 per pass.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                 rows.append({"conv": name, "impl": impl, "pass": part, "seconds": seconds,
                              "gflops_per_s": gflops, "of_matmul": gflops / matmul})  # fmt: skip
                 print(rows[-1], flush=True)
-    print(f"\nbatch {args.batch}; float32 matmul 2048²: {matmul:.1f} GFLOP/s")
+    print(f"\nbatch {args.batch}; float32 matmul {common.matmul_size()}²: {matmul:.1f} GFLOP/s")
     common.print_table(rows, ["conv", "impl", "pass", "seconds", "gflops_per_s", "of_matmul"])
     common.write_json(args.json, {"benchmark": "conv", "machine": common.machine_info(), "batch": args.batch,
                                   "matmul_gflops_per_s": matmul, "rows": rows})  # fmt: skip

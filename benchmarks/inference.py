@@ -8,8 +8,9 @@
 For each LR side s (s×s input, batch 1) and mode ('untiled': one jitted forward; 'tiled':
 `inference.predict` with --tile LR tiles and global attention), it reports seconds, LR and SR
 megapixels per second, XLA's counted FLOPs and GFLOP/s next to a float32 matmul of the same run
-(untiled; the matmul is measured before and after, the higher is used), and the process's peak
-RSS. An untiled size is compiled first and skipped when XLA's memory analysis of it (arguments,
+(untiled; the matmul is measured before and after, the higher is used; 2048² on the CPU, 8192² on
+an accelerator), and the process's peak RSS (on a GPU or TPU also the device allocator's peak so
+far). An untiled size is compiled first and skipped when XLA's memory analysis of it (arguments,
 outputs and temporaries) exceeds --max_untiled_gib.
 """
 
@@ -73,14 +74,16 @@ def main(argv=None) -> int:
             rss = psutil.Process().memory_info().rss / 2**30
             row.update(seconds=seconds, lr_mpix_per_s=side * side / 1e6 / seconds,
                        sr_mpix_per_s=16 * side * side / 1e6 / seconds, peak_rss_gib=common.peak_rss_gib(),
-                       rss_gib=rss)  # fmt: skip
+                       rss_gib=rss, **common.device_memory())  # fmt: skip
             rows.append(row)
             print(row, flush=True)
     matmul_before, matmul = matmul, common.add_matmul_ratios(rows, matmul)
-    print(f"\nENLCN ×4 inference, batch 1; float32 matmul 2048²: {matmul:.1f} GFLOP/s (before {matmul_before:.1f}, "
+    size = common.matmul_size()
+    print(f"\nENLCN ×4 inference, batch 1; float32 matmul {size}²: {matmul:.1f} GFLOP/s (before {matmul_before:.1f}, "
           f"after: the higher is used); tile {args.tile}")  # fmt: skip
+    memory = "device_peak_gib" if common.on_accelerator() else "peak_rss_gib"
     common.print_table(rows, ["side", "mode", "seconds", "sr_mpix_per_s", "gflops_per_s", "of_matmul", "xla_gib",
-                              "peak_rss_gib"])  # fmt: skip
+                              memory])  # fmt: skip
     common.write_json(args.json, {"benchmark": "inference", "machine": common.machine_info(), "tile": args.tile,
                                   "chunked": not args.unchunked, "matmul_gflops_per_s": matmul,
                                   "matmul_before_gflops_per_s": matmul_before, "rows": rows})  # fmt: skip

@@ -8,7 +8,8 @@ Times one jitted train step (Adam, L1 + 0.001·contrastive, 5 ENLCA blocks) and,
 breakdown, the same step without the contrastive term, without attention (plain EDSR) and the
 optimiser update alone. Achieved GFLOP/s = XLA's counted FLOPs of the step (counted on the same
 step with ``conv_impl='xla'``, whose convolutions are not loops) / its time. Reports them next to
-a 2048² float32 matmul measured in the same run (before and after the steps; the higher is used).
+a float32 matmul (2048² on the CPU, 8192² on an accelerator) measured in the same run (before
+and after the steps; the higher is used).
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def main(argv=None) -> int:
         }
     else:
         breakdown = {}
-    print(f"\nENLCN ×4 train step, batch {args.batch}, LR patch {args.patch}; "
-          f"float32 matmul 2048²: {matmul:.1f} GFLOP/s (before: {matmul_before:.1f}; the higher is used)")  # fmt: skip
+    size = common.matmul_size()
+    print(f"\nENLCN ×4 train step, batch {args.batch}, LR patch {args.patch}; float32 matmul {size}²: "
+          f"{matmul:.1f} GFLOP/s (before: {matmul_before:.1f}; the higher is used)")  # fmt: skip
     common.print_table(rows, ["case", "seconds", "images_per_s", "gflop", "gflops_per_s", "of_matmul", "temp_gib"])
     for key, value in breakdown.items():
         print(f"  {key}: {100 * value:.1f} % of the full step")

@@ -44,3 +44,45 @@ def test_matmul_ratios_only_on_selected_rows_with_a_rate():
     assert reference == 1e12
     assert rows[0]["of_matmul"] == 0.5
     assert "of_matmul" not in rows[1] and "of_matmul" not in rows[2]
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """A clock that only `call` advances, 2 ms per call; returns (call, list of calls)."""
+    now, calls = [0.0], []
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+
+    def call():
+        calls.append(now[0])
+        now[0] += 0.002
+        return jnp.zeros(())
+
+    return call, calls
+
+
+def test_short_calls_are_timed_in_back_to_back_groups(fake_clock):
+    call, calls = fake_clock
+    # Probe: one 2 ms call < 10 ms, so each sample is a group of 5 calls, timed per call.
+    assert common.time_fn(call, repeats=3, warmup=1, group_seconds=0.01) == pytest.approx(0.002)
+    assert len(calls) == 1 + 1 + 3 * 5  # warm-up, probe, three groups
+    calls.clear()
+    # At least min_seconds of calls: 0.105 s / (5 × 2 ms) → 10 groups.
+    common.time_fn(call, repeats=3, warmup=0, min_seconds=0.105, group_seconds=0.01)
+    assert len(calls) == 1 + 10 * 5
+
+
+def test_calls_are_blocked_on_alone_on_the_cpu(fake_clock):
+    call, calls = fake_clock
+    assert jax.default_backend() == "cpu"
+    assert common.time_fn(call, repeats=3, warmup=1) == pytest.approx(0.002)
+    assert len(calls) == 1 + 3  # no probe, no groups
+    calls.clear()
+    common.time_fn(call, repeats=3, warmup=0, min_seconds=0.021, group_seconds=0.0)
+    assert len(calls) == 10
+
+
+def test_cpu_machine_info_has_the_cpu_matmul_and_no_device_memory():
+    info = common.machine_info()
+    assert info["matmul_size"] == common.matmul_size() == 2048
+    assert info["device_memory_gib"] is None
+    assert common.device_memory() == {}
