@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The benchmark runs behind the README's GPU numbers, for one machine with a GPU (or TPU).
+#
+#   benchmarks/run_accelerator.sh OUTDIR TAG [STEP...]
+#   benchmarks/run_accelerator.sh benchmarks/results h100          # all steps
+#   benchmarks/run_accelerator.sh /tmp/out h200 attention inference
+#
+# STEP: attention, inference, train_step, demo (default: all, in that order). Each runs with the
+# `python3` on the PATH (or $PYTHON), under its own time limit (seconds: $ATTENTION_S,
+# $INFERENCE_S, $TRAIN_STEP_S, $DEMO_S), so that one that hangs or fails leaves the others their
+# time; a step's JSON is written only when it finishes. Writes OUTDIR/attention_TAG.json and .png,
+# inference_TAG.json (LR 128², 256², 512²), inference_1024_TAG.json, train_step_TAG.json, and
+# everything printed to OUTDIR/run_TAG.log. `demo` runs the README's main job
+# (configs/demo.py) into $DEMO_WORKDIR (default runs/demo_TAG) and prints its validation PSNR.
+# Sizes for a quick check: ATTENTION_SIZES, INFERENCE_SIZES, INFERENCE_1024 (e.g. "64").
+set -u
+out=${1:?usage: benchmarks/run_accelerator.sh OUTDIR TAG [STEP...]}
+tag=${2:?usage: benchmarks/run_accelerator.sh OUTDIR TAG [STEP...]}
+shift 2
+steps=${*:-attention inference train_step demo}
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+log="$out/run_$tag.log"
+export PYTHONUNBUFFERED=1
+
+run() {  # run LIMIT_SECONDS COMMAND...: one step, its output appended to the log
+  local limit=$1
+  shift
+  echo "=== $(date -u +%H:%M:%S) $* (limit ${limit} s)" | tee -a "$log"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  local status=${PIPESTATUS[0]}
+  echo "=== exit $status after $((SECONDS - start)) s" | tee -a "$log"
+}
+
+{
+  echo "=== $(date -u) on $(hostname)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+  "$py" - <<'EOF'
+import importlib.metadata as m
+import jax
+import jax.numpy as jnp
+print("jax", jax.__version__, "devices", jax.devices())
+for name in ("jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "tensorflow-datasets"):
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        print(name, "not installed")
+# Which float32 matmul the references measure: XLA's default precision against full float32.
+a = jax.random.normal(jax.random.key(0), (512, 512))
+exact = jnp.dot(a, a, precision="highest")
+default = jnp.dot(a, a)
+print("float32 matmul, default precision against 'highest': rel. error",
+      float(jnp.linalg.norm(default - exact) / jnp.linalg.norm(exact)))
+EOF
+} 2>&1 | tee -a "$log"
+
+for step in $steps; do
+  case $step in
+    attention)
+      run "${ATTENTION_S:-240}" "$py" benchmarks/attention.py --sizes "${ATTENTION_SIZES:-32,48,64,96,128,192}" \
+        --min_seconds 1 --max_exact_gib 20 --json "$out/attention_$tag.json" --plot "$out/attention_$tag.png" ;;
+    inference)
+      run "${INFERENCE_S:-240}" "$py" benchmarks/inference.py --sizes "${INFERENCE_SIZES:-128,256,512}" \
+        --repeats 5 --json "$out/inference_$tag.json"
+      run "${INFERENCE_S:-240}" "$py" benchmarks/inference.py --sizes "${INFERENCE_1024:-1024}" \
+        --repeats 3 --json "$out/inference_1024_$tag.json" ;;
+    train_step)
+      run "${TRAIN_STEP_S:-240}" "$py" benchmarks/train_step.py --no-breakdown --repeats 5 \
+        --json "$out/train_step_$tag.json" ;;
+    demo)
+      run "${DEMO_S:-300}" "$py" train.py --config configs/demo.py --workdir "${DEMO_WORKDIR:-runs/demo_$tag}" ;;
+    *)
+      echo "unknown step $step (attention, inference, train_step, demo)" | tee -a "$log"
+      exit 2 ;;
+  esac
+done
