@@ -48,8 +48,8 @@ def measure(name, fn, args, repeats, min_seconds, flops_fn=None):
     seconds = common.time_fn(lambda: compiled(*args), repeats=repeats, min_seconds=min_seconds)
     total = sum(memory.values()) / 2**20
     return {
-        "case": name, "seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9,
-        "xla_mib": total, "rss_gib": psutil.Process().memory_info().rss / 2**30, **common.device_memory(),
+        "case": name, "seconds": seconds, **common.rate(flops, seconds), "xla_mib": total,
+        "rss_gib": psutil.Process().memory_info().rss / 2**30, **common.device_memory(),
     }  # fmt: skip
 
 

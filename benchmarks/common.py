@@ -145,7 +145,7 @@ def add_matmul_ratios(rows: list[dict[str, Any]], before: float, where: Callable
     figure (and ``where(row)``, if given); returns that reference."""
     matmul = reference_matmul(before)
     for row in rows:
-        if "gflops_per_s" in row and (where is None or where(row)):
+        if row.get("gflops_per_s") and (where is None or where(row)):
             row["of_matmul"] = row["gflops_per_s"] / matmul
     return matmul
 
@@ -162,26 +162,38 @@ def apply_unchunked_flag(args: argparse.Namespace) -> None:
         conv.MAX_CHUNK_IMAGES = conv.MAX_CHUNK_PIXELS = 2**62
 
 
-def _flops(cost: Any) -> float:
+def _flops(cost: Any) -> float | None:
     if isinstance(cost, list):
-        cost = cost[0]
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+        cost = cost[0] if cost else None
+    flops = cost.get("flops") if cost else None
+    return float(flops) if flops else None
 
 
-def counted_flops(fn: Callable, *args: Any) -> float:
-    """XLA's FLOP count of ``jax.jit(fn)(*args)`` (cost analysis of the lowered HLO, no compile).
+def counted_flops(fn: Callable, *args: Any) -> float | None:
+    """XLA's FLOP count of ``jax.jit(fn)(*args)``: cost analysis of its HLO lowered for the CPU
+    (no compile), so that every machine counts the same program the same way; None where XLA
+    gives no count. (jax 0.11.2's cost analysis of the HLO lowered for an NVIDIA GPU has no FLOP
+    count: the first H100 run's convolutional rows read 0 GFLOP/s.)
 
     XLA counts a loop body once whatever its trip count, so a function that runs its convolutions
     in chunks (`enlca_jax.conv.chunked_conv`) must be counted through an equivalent loop-free
     version: the benchmarks pass the same model with ``conv_impl='xla'`` here.
     """
-    return _flops(jax.jit(fn).lower(*args).cost_analysis())
+    return _flops(jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",)).cost_analysis())
 
 
-def compiled_cost(fn: Callable, *args: Any, flops_fn: Callable | None = None) -> tuple[Any, float, dict[str, float]]:
-    """(compiled executable, counted FLOPs, memory analysis in bytes) of ``jax.jit(fn)(*args)``.
+def rate(flops: float | None, seconds: float) -> dict[str, float]:
+    """``gflop`` and ``gflops_per_s`` of a row; empty where no FLOP count is known."""
+    return {"gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9} if flops else {}
 
-    FLOPs are counted on ``flops_fn`` (same arguments) when given, see `counted_flops`.
+
+def compiled_cost(
+    fn: Callable, *args: Any, flops_fn: Callable | None = None
+) -> tuple[Any, float | None, dict[str, float]]:
+    """(compiled executable, counted FLOPs or None, memory analysis in bytes) of ``jax.jit(fn)(*args)``.
+
+    FLOPs are XLA's count of the compiled executable, or `counted_flops` of ``flops_fn`` (same
+    arguments) when that is given.
     """
     compiled = jax.jit(fn).lower(*args).compile()
     flops = counted_flops(flops_fn, *args) if flops_fn is not None else _flops(compiled.cost_analysis())

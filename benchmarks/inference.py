@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                     continue
                 call = functools.partial(compiled, variables, x)
                 seconds = common.time_fn(call, repeats=args.repeats, warmup=args.warmup)
-                row.update(gflop=flops / 1e9, gflops_per_s=flops / seconds / 1e9, xla_gib=xla_gib)
+                row.update(**common.rate(flops, seconds), xla_gib=xla_gib)
             else:
                 inference.predict_tiled(model, variables, jnp.zeros((1, side, side, 3)), args.tile)  # compile
                 start = time.perf_counter()

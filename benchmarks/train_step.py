@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         seconds, flops, memory, state, tx = step_case(config, batch, contrastive, attention, args.repeats)
         rows.append({
             "case": name, "seconds": seconds, "steps_per_s": 1 / seconds, "images_per_s": args.batch / seconds,
-            "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9,
+            **common.rate(flops, seconds),
             "temp_gib": memory.get("temp_size_in_bytes", 0) / 2**30,
         })  # fmt: skip
         print(rows[-1], flush=True)

@@ -86,3 +86,11 @@ def test_cpu_machine_info_has_the_cpu_matmul_and_no_device_memory():
     assert info["matmul_size"] == common.matmul_size() == 2048
     assert info["device_memory_gib"] is None
     assert common.device_memory() == {}
+
+
+def test_rows_without_a_flop_count_get_no_rate():
+    assert common.rate(None, 2.0) == {} and common.rate(0.0, 2.0) == {}
+    assert common.rate(4e9, 2.0) == {"gflop": 4.0, "gflops_per_s": 2.0}
+    rows = [{"case": "counted", **common.rate(4e9, 2.0)}, {"case": "not counted", **common.rate(None, 2.0)}]
+    common.add_matmul_ratios(rows, 1e12)
+    assert rows[0]["of_matmul"] == 2.0 / 1e12 and "of_matmul" not in rows[1]
