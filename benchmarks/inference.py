@@ -39,11 +39,17 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", type=int, default=128, help="LR tile side for the tiled mode")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (untiled)")
-    parser.add_argument("--max_untiled_gib", type=float, default=16.0, help="skip untiled sizes that need more")
+    parser.add_argument(
+        "--max_untiled_gib",
+        type=float,
+        help="skip untiled sizes that need more (default: 16 on the CPU, on a GPU/TPU what its allocator may use)",
+    )
     common.add_unchunked_flag(parser)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     common.apply_unchunked_flag(args)
+    if args.max_untiled_gib is None:
+        args.max_untiled_gib = common.device_memory().get("device_limit_gib", 16.0)
 
     model = models.ENLCN(scale=4)
     loop_free = models.ENLCN(scale=4, conv_impl="xla")  # FLOPs counted on it: see common.counted_flops

@@ -94,3 +94,11 @@ def test_rows_without_a_flop_count_get_no_rate():
     rows = [{"case": "counted", **common.rate(4e9, 2.0)}, {"case": "not counted", **common.rate(None, 2.0)}]
     common.add_matmul_ratios(rows, 1e12)
     assert rows[0]["of_matmul"] == 2.0 / 1e12 and "of_matmul" not in rows[1]
+
+
+def test_cpu_compiled_count_is_the_executable_count():
+    x = jax.random.normal(jax.random.key(0), (64, 32))
+    fn = jax.grad(lambda x: jnp.sum(jnp.tanh(x @ x.T) ** 2))
+    compiled, flops, _ = common.compiled_cost(fn, x)
+    assert flops == common.cpu_compiled_flops(fn, x) >= 2 * 2 * 64 * 64 * 32  # two matmuls at least
+    assert flops == common._flops(compiled.cost_analysis())
