@@ -1,4 +1,4 @@
-"""benchmarks.common: FLOPs are counted on the loop-free twin of a chunked computation."""
+"""benchmarks.common: FLOP counting (the loop-free twin, XLA:CPU's count), timing in groups, the matmul reference."""
 
 import jax
 import jax.numpy as jnp
