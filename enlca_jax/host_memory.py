@@ -18,11 +18,11 @@ still faulted in on every call. `SINGLE_ARENA` (``arena_max=1``: every thread on
 ends that, and the heap then lies almost entirely in transparent huge pages. Measured 2026-11-27
 (later), glibc arenas → one arena: LR 128² ×4 inference 9.3–9.9 → 8.4–8.5 s per call (kernel time
 1.1–1.4 → 0.02–0.04 s), 256² 34.4–35.6 → 34.0–34.5 s, peak RSS unchanged (1.2 and 1.6 GiB);
-ENLA forward+backward (N = 96², batch 4) 114–121 → 108–110 ms. It does not suit training: with
-the state donated step after step, the one heap fragments (×4 train loop, batch 16: RSS 7.8,
-14.1, 14.1, 14.1, 20.5, 20.5 GiB after steps 0–5; steps 71–72 s where the heap did not grow,
-against 78.5 s and 9.1 GiB peak in `benchmarks/train_step.py` with glibc's arenas), and so can
-exact attention's 1.4 GiB buffers. So ``eval.py`` and the inference benchmarks ask for it
+ENLA forward+backward (N = 96², batch 4) 114–121 → 108–110 ms. It does not suit training: step
+after step the one heap fragments (×4 train loop, batch 16: RSS 7.8, 14.1, 14.1, 14.1, 20.5,
+20.5 GiB after steps 0–5 with the state donated, 8.3, 14.6, 14.6, 21.0 GiB without; steps 71–72 s
+where the heap did not grow, against 78.5 s and 9.1 GiB peak in `benchmarks/train_step.py` with
+glibc's arenas), and so can exact attention's 1.4 GiB buffers. So ``eval.py`` and the inference benchmarks ask for it
 (``single_arena=True``; ``benchmarks/attention.py`` with ``--single_arena``); ``train.py`` does not.
 
 glibc reads its tunables only when a process starts, so `reexec_with_retained_memory` restarts
