@@ -6,6 +6,8 @@
     python benchmarks/attention.py --single_arena --json OUT.json      # one malloc arena, as eval.py
     python benchmarks/attention.py --min_seconds 1 --max_exact_gib 20 \
         --json benchmarks/results/attention_h100.json                  # on a GPU
+    python benchmarks/attention.py --replot benchmarks/results/attention_h100.json \
+        --plot attention_h100.png                                     # plot a run's JSON again
 
 For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch images, it times the
 forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
@@ -22,6 +24,7 @@ run (before and after; the higher is used; 2048² on the CPU, 8192² on an accel
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -93,7 +96,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json")
     parser.add_argument("--plot", help="write a log-log plot of time and memory versus N")
+    parser.add_argument("--replot", metavar="JSON", help="run nothing: plot this earlier run's JSON to --plot")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PATH (where to write the plot)")
+        plot(json.loads(pathlib.Path(args.replot).read_text()), args.plot)
+        return 0
 
     matmul = common.matmul_gflops()
     rows = []
