@@ -209,12 +209,16 @@ def compiled_cost(
     accelerator), or `counted_flops` of ``flops_fn`` (same arguments) when that is given.
     """
     compiled = jax.jit(fn).lower(*args).compile()
-    if flops_fn is not None:
-        flops = counted_flops(flops_fn, *args)
-    elif on_accelerator():
-        flops = cpu_compiled_flops(fn, *args)
-    else:
-        flops = _flops(compiled.cost_analysis())
+    try:
+        if flops_fn is not None:
+            flops = counted_flops(flops_fn, *args)
+        elif on_accelerator():
+            flops = cpu_compiled_flops(fn, *args)
+        else:
+            flops = _flops(compiled.cost_analysis())
+    except RuntimeError as error:  # no CPU backend on an accelerator, e.g. JAX_PLATFORMS=cuda
+        print(f"no FLOP count (XLA:CPU counts them; add cpu to JAX_PLATFORMS): {error}", file=sys.stderr)
+        flops = None
     memory = compiled.memory_analysis()
     mem = {}
     if memory is not None:

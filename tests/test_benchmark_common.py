@@ -102,3 +102,16 @@ def test_cpu_compiled_count_is_the_executable_count():
     compiled, flops, _ = common.compiled_cost(fn, x)
     assert flops == common.cpu_compiled_flops(fn, x) >= 2 * 2 * 64 * 64 * 32  # two matmuls at least
     assert flops == common._flops(compiled.cost_analysis())
+
+
+def test_without_a_cpu_backend_an_accelerator_row_has_no_count(monkeypatch, capsys):
+    def no_cpu(*args):
+        raise RuntimeError("Unknown backend cpu")
+
+    monkeypatch.setattr(common, "on_accelerator", lambda: True)
+    monkeypatch.setattr(common, "cpu_compiled_flops", no_cpu)
+    x = jnp.ones((8, 8))
+    compiled, flops, _ = common.compiled_cost(lambda x: x @ x, x)
+    assert flops is None and common.rate(flops, 1.0) == {}
+    assert "add cpu to JAX_PLATFORMS" in capsys.readouterr().err
+    assert compiled(x).shape == (8, 8)
