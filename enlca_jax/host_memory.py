@@ -22,8 +22,9 @@ ENLA forward+backward (N = 96², batch 4) 114–121 → 108–110 ms. It does no
 after step the one heap fragments (×4 train loop, batch 16: RSS 7.8, 14.1, 14.1, 14.1, 20.5,
 20.5 GiB after steps 0–5 with the state donated, 8.3, 14.6, 14.6, 21.0 GiB without; steps 71–72 s
 where the heap did not grow, against 78.5 s and 9.1 GiB peak in `benchmarks/train_step.py` with
-glibc's arenas), and so can exact attention's 1.4 GiB buffers. So ``eval.py`` and the inference benchmarks ask for it
-(``single_arena=True``; ``benchmarks/attention.py`` with ``--single_arena``); ``train.py`` does not.
+glibc's arenas), and so can exact attention's 1.4 GiB buffers. So ``eval.py`` and the inference
+benchmarks ask for it (``single_arena=True``; ``benchmarks/attention.py`` with
+``--single_arena``); ``train.py`` does not.
 
 glibc reads its tunables only when a process starts, so `reexec_with_retained_memory` restarts
 the running program once with them (``os.execve``: same process id, same interpreter options and
