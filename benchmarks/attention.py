@@ -12,13 +12,18 @@
 For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch images, it times the
 forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
 skipped where its N×N scores would not fit in --max_exact_gib), and of a whole ENLCA block (256
-channels) in training mode with and without the contrastive term. Each time is the median over at
-least --repeats calls and --min_seconds of calls after one warm-up, as for the matmul (on a GPU or
-TPU, calls under 10 ms are timed in back-to-back groups: `benchmarks.common.time_fn`). Memory is
-XLA's compiled memory analysis (arguments + outputs + temporaries), and the process RSS after the
-case (on an accelerator also the device allocator's in-use and peak-so-far bytes). Also reports
-ENLA's achieved GFLOP/s (XLA-counted FLOPs / time) next to a float32 matmul measured in the same
-run (before and after; the higher is used; 2048² on the CPU, 8192² on an accelerator).
+channels) in training mode with and without the contrastive term. ENLA's forward+backward is also
+timed --loop times over inside one call (per repetition), as it runs inside a model's step (ENLCN's
+5 blocks share one allocation per step): a standalone call allocates its buffers afresh each time,
+and on the CPU glibc gives XLA's worker threads blocks above 64 MiB as fresh mappings, which the
+kernel faults in and zeroes on every call (each row reports the minor page faults and kernel CPU
+seconds per call). Each time is the median over at least --repeats calls and --min_seconds of calls
+after one warm-up, as for the matmul (on a GPU or TPU, calls under 10 ms are timed in back-to-back
+groups: `benchmarks.common.time_fn`). Memory is XLA's compiled memory analysis (arguments + outputs
++ temporaries), and the process RSS after the case (on an accelerator also the device allocator's
+in-use and peak-so-far bytes). Also reports ENLA's achieved GFLOP/s (XLA-counted FLOPs / time) next
+to a float32 matmul measured in the same run (before and after; the higher is used; 2048² on the
+CPU, 8192² on an accelerator).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import math
 import os
 import pathlib
+import resource
 import sys
 
 import jax
@@ -39,20 +45,60 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
 from enlca_jax import attention, host_memory  # noqa: E402
 
+#: The case name of ENLA fwd+bwd timed inside a loop in one call (`in_one_call`).
+LOOPED = "ENLA fwd+bwd, looped in one call"
+
 
 def _loss(fn):
     return lambda q, k, v, f: jnp.sum(fn(q, k, v, f) ** 2)
 
 
-def measure(name, fn, args, repeats, min_seconds, flops_fn=None):
-    compiled, flops, memory = common.compiled_cost(fn, *args, flops_fn=flops_fn)
+def in_one_call(grad_fn, times):
+    """``grad_fn(q, k, v, f) -> (dq, dk, dv)`` run ``times`` times inside one executable; returns dv.
+
+    Each repetition starts from ``q + 1e-30·dq`` and ``k + 1e-30·dk`` of the one before, so XLA can
+    neither hoist the work out of the loop nor drop a repetition. This is how ENLA runs inside a
+    model: its buffers are part of the step's, allocated once per step, where a standalone call
+    allocates (and, with glibc's per-thread arenas, page-faults and zeroes) its own on every call.
+    """
+
+    def run(q, k, v, f):
+        def body(_, carry):
+            q, k, _ = carry
+            dq, dk, dv = grad_fn(q, k, v, f)
+            return q + 1e-30 * dq, k + 1e-30 * dk, dv
+
+        return jax.lax.fori_loop(0, times, body, (q, k, jnp.zeros_like(v)))[2]
+
+    return run
+
+
+def measure(name, fn, args, repeats, min_seconds, flops_fn=None, repetitions=1, flops=None):
+    """One row: seconds, GFLOP/s, XLA memory, RSS, and the host's minor page faults and kernel CPU
+    seconds per call. With ``repetitions`` > 1, ``fn`` runs the case that many times per call
+    (`in_one_call`) and times are per repetition; ``flops`` (of one repetition, if given) replaces
+    XLA's count, so that a looped case is rated on the count of its standalone row."""
+    compiled, counted, memory = common.compiled_cost(fn, *args, flops_fn=flops_fn, count=flops is None)
+    flops = counted if flops is None else flops
+    calls = 0
+
+    def call():
+        nonlocal calls
+        calls += 1
+        return compiled(*args)
+
+    jax.block_until_ready(call())  # warm-up, outside the counters
+    before, calls = resource.getrusage(resource.RUSAGE_SELF), 0
     # Timed as the matmul reference is: the median over at least `repeats` calls and
     # `min_seconds` of calls.
-    seconds = common.time_fn(lambda: compiled(*args), repeats=repeats, min_seconds=min_seconds)
+    seconds = common.time_fn(call, repeats=repeats, warmup=0, min_seconds=min_seconds) / repetitions
+    after = resource.getrusage(resource.RUSAGE_SELF)
     total = sum(memory.values()) / 2**20
     return {
         "case": name, "seconds": seconds, **common.rate(flops, seconds), "xla_mib": total,
         "rss_gib": psutil.Process().memory_info().rss / 2**30, **common.device_memory(),
+        "repetitions_per_call": repetitions, "minor_faults_per_call": (after.ru_minflt - before.ru_minflt) / calls,
+        "kernel_seconds_per_call": (after.ru_stime - before.ru_stime) / calls,
     }  # fmt: skip
 
 
@@ -84,6 +130,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per case")
     parser.add_argument(
         "--min_seconds", type=float, default=3.0, help="and at least this many seconds of timed calls per case"
+    )
+    parser.add_argument(
+        "--loop",
+        type=int,
+        default=5,
+        help=f"also time ENLA fwd+bwd run this many times inside one call ('{LOOPED}', per repetition), as in a "
+        "train step of ENLCN, whose 5 ENLCA blocks share the step's buffers, allocated once per step; 0 or 1: skip",
     )
     parser.add_argument("--max_exact_gib", type=float, default=6.0, help="skip exact attention above this")
     parser.add_argument("--max_contrastive_n", type=int, default=96**2, help="skip the contrastive term above N")
@@ -123,6 +176,13 @@ def main(argv=None) -> int:
             row = measure(name, fn, (q, k, v, f), args.repeats, args.min_seconds)
             rows.append({"n": n, "side": size, **row})
             print(rows[-1], flush=True)
+            if name == "ENLA fwd+bwd" and args.loop > 1:
+                # Rated on the standalone row's count: XLA's count of the unoptimised HLO is ≈ 7 % higher.
+                flops = row["gflop"] * 1e9 if row.get("gflop") else None
+                looped = in_one_call(fn, args.loop)
+                row = measure(LOOPED, looped, (q, k, v, f), args.repeats, args.min_seconds, None, args.loop, flops)
+                rows.append({"n": n, "side": size, **row})
+                print(rows[-1], flush=True)
         for contrastive in (False, True):
             if contrastive and n > args.max_contrastive_n:
                 continue
@@ -137,7 +197,11 @@ def main(argv=None) -> int:
     print(f"\nbatch {args.batch}, D 64, Cv 256, m 128; float32 matmul {common.matmul_size()}²: {matmul:.1f} GFLOP/s "
           f"(before: {matmul_before:.1f}; the higher is used)")  # fmt: skip
     memory = "device_peak_gib" if common.on_accelerator() else "rss_gib"
-    common.print_table(rows, ["n", "case", "seconds", "gflops_per_s", "of_matmul", "xla_mib", memory])
+    common.print_table(
+        rows,
+        ["n", "case", "seconds", "gflops_per_s", "of_matmul", "xla_mib", memory, "minor_faults_per_call",
+         "kernel_seconds_per_call"],
+    )  # fmt: skip
     ratios = {}
     for n in sorted({r["n"] for r in rows}):
         by = {r["case"]: r for r in rows if r["n"] == n}
@@ -148,6 +212,11 @@ def main(argv=None) -> int:
             }
             print(f"N = {n}: ENLA fwd+bwd {ratios[n]['speedup_fwd_bwd']:.1f}× faster, "
                   f"{ratios[n]['memory_ratio_fwd_bwd']:.1f}× less memory than exact attention")  # fmt: skip
+        if LOOPED in by and by[LOOPED].get("of_matmul") and by["ENLA fwd+bwd"].get("of_matmul"):
+            alone, looped = by["ENLA fwd+bwd"], by[LOOPED]
+            print(f"N = {n}: ENLA fwd+bwd at {alone['of_matmul']:.1%} of matmul per standalone call "
+                  f"({alone['minor_faults_per_call']:.0f} page faults, {alone['kernel_seconds_per_call'] * 1e3:.1f} ms "
+                  f"kernel time per call), {looped['of_matmul']:.1%} looped in one call")  # fmt: skip
     payload = {"benchmark": "attention", "machine": common.machine_info(), "batch": args.batch,
                "single_arena": host_memory.SINGLE_ARENA in os.environ.get("GLIBC_TUNABLES", "").split(":"),
                "matmul_gflops_per_s": matmul, "matmul_before_gflops_per_s": matmul_before, "rows": rows,
@@ -165,7 +234,7 @@ def plot(payload, path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for case in ("ENLA fwd+bwd", "exact fwd+bwd", "ENLCA block fwd+bwd", "ENLCA block fwd+bwd + contrastive"):
+    for case in ("ENLA fwd+bwd", LOOPED, "exact fwd+bwd", "ENLCA block fwd+bwd", "ENLCA block fwd+bwd + contrastive"):
         points = [r for r in payload["rows"] if r["case"] == case]
         if points:
             left.loglog([p["n"] for p in points], [p["seconds"] for p in points], "o-", label=case)

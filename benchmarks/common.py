@@ -201,16 +201,19 @@ def rate(flops: float | None, seconds: float) -> dict[str, float]:
 
 
 def compiled_cost(
-    fn: Callable, *args: Any, flops_fn: Callable | None = None
+    fn: Callable, *args: Any, flops_fn: Callable | None = None, count: bool = True
 ) -> tuple[Any, float | None, dict[str, float]]:
     """(compiled executable, counted FLOPs or None, memory analysis in bytes) of ``jax.jit(fn)(*args)``.
 
     FLOPs are XLA:CPU's count on every machine: of the executable (`cpu_compiled_flops` on an
-    accelerator), or `counted_flops` of ``flops_fn`` (same arguments) when that is given.
+    accelerator), or `counted_flops` of ``flops_fn`` (same arguments) when that is given; None
+    without counting when ``count`` is False (the caller knows them).
     """
     compiled = jax.jit(fn).lower(*args).compile()
     try:
-        if flops_fn is not None:
+        if not count:
+            flops = None
+        elif flops_fn is not None:
             flops = counted_flops(flops_fn, *args)
         elif on_accelerator():
             flops = cpu_compiled_flops(fn, *args)
