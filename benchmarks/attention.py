@@ -57,9 +57,10 @@ def in_one_call(grad_fn, times):
     """``grad_fn(q, k, v, f) -> (dq, dk, dv)`` run ``times`` times inside one executable; returns dv.
 
     Each repetition starts from ``q + 1e-30·dq`` and ``k + 1e-30·dk`` of the one before, so XLA can
-    neither hoist the work out of the loop nor drop a repetition. This is how ENLA runs inside a
-    model: its buffers are part of the step's, allocated once per step, where a standalone call
-    allocates (and, with glibc's per-thread arenas, page-faults and zeroes) its own on every call.
+    neither hoist the work out of the loop nor drop a repetition (those two [..., N, D] updates are
+    timed with it, not counted in its FLOPs). This is how ENLA runs inside a model: its buffers are
+    part of the step's, allocated once per step, where a standalone call allocates (and, with
+    glibc's per-thread arenas, page-faults and zeroes) its own on every call.
     """
 
     def run(q, k, v, f):
