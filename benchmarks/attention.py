@@ -195,8 +195,7 @@ def main(argv=None) -> int:
         matmul,
         common.add_matmul_ratios(rows, matmul, where=lambda row: not row["case"].startswith("ENLCA block")),
     )
-    print(f"\nbatch {args.batch}, D 64, Cv 256, m 128; float32 matmul {common.matmul_size()}²: {matmul:.1f} GFLOP/s "
-          f"(before: {matmul_before:.1f}; the higher is used)")  # fmt: skip
+    print(f"\nbatch {args.batch}, D 64, Cv 256, m 128; {common.describe_matmul(matmul, matmul_before)}")
     memory = "device_peak_gib" if common.on_accelerator() else "rss_gib"
     common.print_table(
         rows,

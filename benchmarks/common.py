@@ -150,6 +150,11 @@ def add_matmul_ratios(rows: list[dict[str, Any]], before: float, where: Callable
     return matmul
 
 
+def describe_matmul(matmul: float, before: float) -> str:
+    """The reference as the benchmarks print it: its size, the figure used and the one before."""
+    return f"float32 matmul {matmul_size()}²: {matmul:.1f} GFLOP/s (before: {before:.1f}; the higher is used)"
+
+
 def add_unchunked_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unchunked", action="store_true", help="one XLA call per convolution (no chunking), for comparison"

@@ -84,9 +84,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(row, flush=True)
     matmul_before, matmul = matmul, common.add_matmul_ratios(rows, matmul)
-    size = common.matmul_size()
-    print(f"\nENLCN ×4 inference, batch 1; float32 matmul {size}²: {matmul:.1f} GFLOP/s (before {matmul_before:.1f}, "
-          f"after: the higher is used); tile {args.tile}")  # fmt: skip
+    print(f"\nENLCN ×4 inference, batch 1, tile {args.tile}; {common.describe_matmul(matmul, matmul_before)}")
     memory = "device_peak_gib" if common.on_accelerator() else "peak_rss_gib"
     common.print_table(rows, ["side", "mode", "seconds", "sr_mpix_per_s", "gflops_per_s", "of_matmul", "xla_gib",
                               memory])  # fmt: skip

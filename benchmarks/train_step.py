@@ -107,9 +107,8 @@ def main(argv=None) -> int:
         }
     else:
         breakdown = {}
-    size = common.matmul_size()
-    print(f"\nENLCN ×4 train step, batch {args.batch}, LR patch {args.patch}; float32 matmul {size}²: "
-          f"{matmul:.1f} GFLOP/s (before: {matmul_before:.1f}; the higher is used)")  # fmt: skip
+    print(f"\nENLCN ×4 train step, batch {args.batch}, LR patch {args.patch}; "
+          f"{common.describe_matmul(matmul, matmul_before)}")  # fmt: skip
     common.print_table(rows, ["case", "seconds", "images_per_s", "gflop", "gflops_per_s", "of_matmul", "temp_gib"])
     for key, value in breakdown.items():
         print(f"  {key}: {100 * value:.1f} % of the full step")

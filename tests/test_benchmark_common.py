@@ -46,6 +46,11 @@ def test_matmul_ratios_only_on_selected_rows_with_a_rate():
     assert "of_matmul" not in rows[1] and "of_matmul" not in rows[2]
 
 
+def test_the_matmul_reference_is_described_with_its_size_and_both_figures():
+    line = common.describe_matmul(212.04, 206.1)
+    assert line == "float32 matmul 2048²: 212.0 GFLOP/s (before: 206.1; the higher is used)"
+
+
 @pytest.fixture
 def fake_clock(monkeypatch):
     """A clock that only `call` advances, 2 ms per call; returns (call, list of calls)."""
