@@ -6,15 +6,18 @@
     python eval.py --workdir runs/enlca_x4 --input photos/ --output upscaled/
 
 Prints a table of Y-PSNR/SSIM per set and writes results.json and results.csv into --output.
-Only parses flags and calls `enlca_jax.eval_lib`. On Linux with glibc it first restarts itself once
-with malloc tunables that keep freed host memory for reuse, all threads sharing one heap
-(`enlca_jax.host_memory`; ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults).
+Only parses flags and calls `enlca_jax.eval_lib`; runs in one process (multi-host evaluation is
+not supported). Where jax computes on the CPU it first applies `enlca_jax.cpu.setup` (XLA:CPU
+flags; on Linux with glibc one restart with malloc tunables that keep freed host memory for reuse,
+all threads sharing one heap, which ENLCA_HOST_ALLOCATOR=system turns off; faster CPU
+convolutions). On a GPU or TPU host nothing of that happens.
+Needs the ``eval`` extra when installed with pip: ``pip install "enlca_jax[eval]"``.
 """
 
-from enlca_jax import host_memory
+from enlca_jax import cpu
 
 if __name__ == "__main__":  # first: the imports below would otherwise run again after the restart
-    host_memory.reexec_with_retained_memory(single_arena=True)
+    CONV = cpu.setup(restart=True, single_arena=True)
 
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -72,6 +75,7 @@ def main(argv):
         chop=bool(pick("chop", "chop", False)),
         pad_multiple=FLAGS.pad_multiple,
         save_images=FLAGS.save_images,
+        conv_general_dilated=CONV,
     )
     try:
         if FLAGS.input:

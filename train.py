@@ -4,15 +4,16 @@ Only parses flags and calls `enlca_jax.train_lib.train_and_evaluate`. Running ag
 --workdir resumes from its latest checkpoint. Override config fields with --config.FIELD=VALUE
 (e.g. --config.batch_size=32); a misspelt field is an error.
 
-On Linux with glibc it first restarts itself once with malloc tunables that keep freed host
-memory for the next step (`enlca_jax.host_memory`: ≈ 10 % faster CPU steps);
-ENLCA_HOST_ALLOCATOR=system keeps glibc's defaults.
+Where jax computes on the CPU, it first applies `enlca_jax.cpu.setup` (XLA:CPU flags; on Linux
+with glibc one restart with malloc tunables that keep freed host memory for the next step, which
+ENLCA_HOST_ALLOCATOR=system turns off; faster CPU convolutions). On a GPU or TPU host nothing of
+that happens.
 """
 
-from enlca_jax import host_memory
+from enlca_jax import cpu
 
 if __name__ == "__main__":  # first: the imports below would otherwise run again after the restart
-    host_memory.reexec_with_retained_memory()
+    CONV = cpu.setup(restart=True)
 
 import logging  # noqa: E402
 
@@ -36,7 +37,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, conv_general_dilated=CONV)
     if "psnr" in result:
         print(
             f"step {result['step']}: validation Y-PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "

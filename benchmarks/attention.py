@@ -43,7 +43,8 @@ import psutil
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import attention, host_memory  # noqa: E402
+from enlca_jax import attention, cpu  # noqa: E402
+from enlca_jax.cpu import host_memory  # noqa: E402
 
 #: The case name of ENLA fwd+bwd timed inside a loop in one call (`in_one_call`).
 LOOPED = "ENLA fwd+bwd, looped in one call"
@@ -103,7 +104,7 @@ def measure(name, fn, args, repeats, min_seconds, flops_fn=None, repetitions=1, 
     }  # fmt: skip
 
 
-def block_case(size, batch, contrastive, repeats, min_seconds):
+def block_case(size, batch, contrastive, repeats, min_seconds, conv_general_dilated=None):
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 256))
     variables = attention.ENLCA().init(jax.random.key(1), x)
 
@@ -117,11 +118,12 @@ def block_case(size, batch, contrastive, repeats, min_seconds):
 
     name = f"ENLCA block fwd+bwd{' + contrastive' if contrastive else ''}"
     # FLOPs counted with XLA's own convolutions: chunked ones are loops (common.counted_flops).
-    flops_fn = loss_of(attention.ENLCA(conv_impl="xla"))
-    return measure(name, loss_of(attention.ENLCA()), (variables["params"], x), repeats, min_seconds, flops_fn=flops_fn)
+    flops_fn = loss_of(attention.ENLCA())
+    block = attention.ENLCA(conv_general_dilated=conv_general_dilated)
+    return measure(name, loss_of(block), (variables["params"], x), repeats, min_seconds, flops_fn=flops_fn)
 
 
-def main(argv=None) -> int:
+def main(argv=None, conv_general_dilated=None) -> int:
     # No abbreviations: `__main__` looks for the exact --single_arena before argparse runs.
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -144,10 +146,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--single_arena",
         action="store_true",
-        help="run with one glibc malloc arena, as eval.py (enlca_jax.host_memory); by default glibc's arenas, as "
+        help="run with one glibc malloc arena, as eval.py (enlca_jax.cpu.host_memory); by default glibc's arenas, as "
         "train.py. ENLA is faster with one arena, but exact attention's 1.4 GiB buffers fragment that one heap "
         "(RSS and time then vary from call to call), so speed-ups against exact attention are not comparable",
     )
+    common.add_conv_flags(parser)
     parser.add_argument("--json")
     parser.add_argument("--plot", help="write a log-log plot of time and memory versus N")
     parser.add_argument("--replot", metavar="JSON", help="run nothing: plot this earlier run's JSON to --plot")
@@ -158,6 +161,7 @@ def main(argv=None) -> int:
         plot(json.loads(pathlib.Path(args.replot).read_text()), args.plot)
         return 0
 
+    conv = common.model_conv(args, conv_general_dilated)
     matmul = common.matmul_gflops()
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -187,7 +191,7 @@ def main(argv=None) -> int:
         for contrastive in (False, True):
             if contrastive and n > args.max_contrastive_n:
                 continue
-            case = block_case(size, args.batch, contrastive, args.repeats, args.min_seconds)
+            case = block_case(size, args.batch, contrastive, args.repeats, args.min_seconds, conv)
             rows.append({"n": n, "side": size, **case})
             print(rows[-1], flush=True)
     # Ratios for the attention functions; the blocks' 1×1 convs and contrastive term are not ENLA.
@@ -250,5 +254,4 @@ def plot(payload, path) -> None:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory(single_arena="--single_arena" in sys.argv[1:])
-    sys.exit(main())
+    sys.exit(main(conv_general_dilated=cpu.setup(restart=True, single_arena="--single_arena" in sys.argv[1:])))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enlca_jax import conv
+from enlca_jax.cpu import conv
 
 
 def on_accelerator() -> bool:
@@ -44,7 +44,8 @@ def machine_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # enlca_jax.host_memory
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # enlca_jax.cpu.host_memory
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -155,6 +156,22 @@ def describe_matmul(matmul: float, before: float) -> str:
     return f"float32 matmul {matmul_size()}²: {matmul:.1f} GFLOP/s (before: {before:.1f}; the higher is used)"
 
 
+def add_conv_flags(parser: argparse.ArgumentParser) -> None:
+    """``--xla_convs`` and ``--unchunked``: the baselines of the XLA:CPU convolutions."""
+    parser.add_argument(
+        "--xla_convs", action="store_true",
+        help="XLA's own convolutions even on the CPU (where enlca_jax.cpu's are the default)",
+    )  # fmt: skip
+    add_unchunked_flag(parser)
+
+
+def model_conv(args: argparse.Namespace, conv_general_dilated: Any) -> Any:
+    """The models' ``conv_general_dilated`` for a run: `enlca_jax.cpu.setup`'s unless ``--xla_convs``;
+    applies ``--unchunked``."""
+    apply_unchunked_flag(args)
+    return None if args.xla_convs else conv_general_dilated
+
+
 def add_unchunked_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unchunked", action="store_true", help="one XLA call per convolution (no chunking), for comparison"
@@ -162,7 +179,7 @@ def add_unchunked_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_unchunked_flag(args: argparse.Namespace) -> None:
-    """With ``--unchunked``, `enlca_jax.conv` runs every convolution as one XLA call (the baseline)."""
+    """With ``--unchunked``, `enlca_jax.cpu.conv` runs every convolution as one XLA call (the baseline)."""
     if args.unchunked:
         conv.MAX_CHUNK_IMAGES = conv.MAX_CHUNK_PIXELS = 2**62
 
@@ -181,8 +198,8 @@ def counted_flops(fn: Callable, *args: Any) -> float | None:
     count: the first H100 run's convolutional rows read 0 GFLOP/s.)
 
     XLA counts a loop body once whatever its trip count, so a function that runs its convolutions
-    in chunks (`enlca_jax.conv.chunked_conv`) must be counted through an equivalent loop-free
-    version: the benchmarks pass the same model with ``conv_impl='xla'`` here.
+    in chunks (`enlca_jax.cpu.conv.chunked_conv`) must be counted through an equivalent loop-free
+    version: the benchmarks pass the same model with XLA's own convolutions here.
     """
     return _flops(jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",)).cost_analysis())
 

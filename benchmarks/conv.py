@@ -4,8 +4,8 @@
 
 For each 3×3 convolution shape of the ×4 train step (batch 16, LR patch 48): trunk 256→256 at 48²,
 upsampler 256→1024 at 48² and 96², tail 256→3 at 192², head 3→256 at 48²), times forward, the input
-gradient and the kernel gradient alone, and the whole fwd+bwd with ``conv_impl='xla'``
-(``jax.lax.conv_general_dilated``) and ``'tap_matmul'`` (`enlca_jax.conv`), next to a float32
+gradient and the kernel gradient alone, and the whole fwd+bwd with ``jax.lax.conv_general_dilated``
+('xla') and `enlca_jax.cpu.conv.conv_general_dilated` ('tap_matmul'), next to a float32
 matmul (2048², 8192² on an accelerator) measured in the same run. GFLOP/s are the direct
 convolution's 2·B·H·W·Ci·Co·9 per pass.
 """
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import conv, host_memory  # noqa: E402
+from enlca_jax import cpu  # noqa: E402
+from enlca_jax.cpu import conv  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = {  # name: (side, in channels, out channels) at batch 16
@@ -75,5 +76,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory()
+    cpu.setup(restart=True)
     sys.exit(main())

@@ -29,10 +29,10 @@ import psutil
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import host_memory, inference, models  # noqa: E402
+from enlca_jax import cpu, inference, models  # noqa: E402
 
 
-def main(argv=None) -> int:
+def main(argv=None, conv_general_dilated=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="128,256,512,1024")
     parser.add_argument("--modes", default="untiled,tiled")
@@ -44,15 +44,15 @@ def main(argv=None) -> int:
         type=float,
         help="skip untiled sizes that need more (default: 16 on the CPU, on a GPU/TPU what its allocator may use)",
     )
-    common.add_unchunked_flag(parser)
+    common.add_conv_flags(parser)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    common.apply_unchunked_flag(args)
+    conv = common.model_conv(args, conv_general_dilated)
     if args.max_untiled_gib is None:
         args.max_untiled_gib = common.device_memory().get("device_limit_gib", 16.0)
 
-    model = models.ENLCN(scale=4)
-    loop_free = models.ENLCN(scale=4, conv_impl="xla")  # FLOPs counted on it: see common.counted_flops
+    model = models.ENLCN(scale=4, conv_general_dilated=conv)
+    loop_free = models.ENLCN(scale=4)  # FLOPs counted on it: see common.counted_flops
     variables = models.init_variables(model, jax.random.key(0))
     matmul = common.matmul_gflops()
     rows = []
@@ -89,11 +89,11 @@ def main(argv=None) -> int:
     common.print_table(rows, ["side", "mode", "seconds", "sr_mpix_per_s", "gflops_per_s", "of_matmul", "xla_gib",
                               memory])  # fmt: skip
     common.write_json(args.json, {"benchmark": "inference", "machine": common.machine_info(), "tile": args.tile,
-                                  "chunked": not args.unchunked, "matmul_gflops_per_s": matmul,
-                                  "matmul_before_gflops_per_s": matmul_before, "rows": rows})  # fmt: skip
+                                  "chunked": not args.unchunked, "xla_convs": conv is None,
+                                  "matmul_gflops_per_s": matmul, "matmul_before_gflops_per_s": matmul_before,
+                                  "rows": rows})  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory(single_arena=True)  # as eval.py
-    sys.exit(main())
+    sys.exit(main(conv_general_dilated=cpu.setup(restart=True, single_arena=True)))  # as eval.py

@@ -33,7 +33,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import host_memory, models  # noqa: E402
+from enlca_jax import cpu, models  # noqa: E402
 
 _LAYERS = ("upsampler/conv_0", "upsampler/conv_1", "upsampler", "tail", "contrastive", "attention", "resblocks",
            "body_conv", "head")  # fmt: skip
@@ -128,32 +128,33 @@ def rollup(rows: list[dict], field: int, wall: float) -> list[dict]:
     return [{"group": key, "seconds": seconds, "share": seconds / wall} for key, seconds in totals.most_common()]
 
 
-def computation(what: str, side: int):
+def computation(what: str, side: int, conv_general_dilated=None):
     """(jitted function, its arguments) for 'train_step' or 'inference'."""
     if what == "inference":
-        model = models.ENLCN(scale=4)
+        model = models.ENLCN(scale=4, conv_general_dilated=conv_general_dilated)
         variables = models.init_variables(model, jax.random.key(0))
         x = jax.random.uniform(jax.random.key(side), (1, side, side, 3))
         return jax.jit(lambda v, x: model.apply(v, x)), (variables, x)
     from benchmarks import train_step
     from configs import enlca_x4
-    from enlca_jax import train_lib
+    from enlca_jax import train_step as train_step_lib
 
     config = enlca_x4.get_config()
-    fn, model, tx = train_step.step_fn(config, True)
+    fn, model, tx = train_step.step_fn(config, True, conv_general_dilated)
     batch = train_step.synthetic_batch(16, config.data.patch_size, config.model.scale)
-    return jax.jit(fn), (train_lib.create_train_state(config, model, tx), batch)
+    return jax.jit(fn), (train_step_lib.create_train_state(config, model, tx), batch)
 
 
-def main(argv=None) -> int:
+def main(argv=None, conv_general_dilated=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("train_step", "inference"))
     parser.add_argument("--side", type=int, default=512, help="LR side for inference")
     parser.add_argument("--top", type=int, default=30, help="rows of the table")
+    common.add_conv_flags(parser)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
-    fn, fn_args = computation(args.what, args.side)
+    fn, fn_args = computation(args.what, args.side, common.model_conv(args, conv_general_dilated))
     compiled = fn.lower(*fn_args).compile()
     jax.block_until_ready(compiled(*fn_args))
     start = time.perf_counter()
@@ -194,5 +195,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     # One heap for inference (as eval.py); the train step keeps glibc's arenas, as train.py.
-    host_memory.reexec_with_retained_memory(single_arena="inference" in sys.argv[1:])
-    sys.exit(main())
+    sys.exit(main(conv_general_dilated=cpu.setup(restart=True, single_arena="inference" in sys.argv[1:])))

@@ -12,11 +12,10 @@
 # inference_TAG.json (LR 128², 256², 512², untiled and tiled), inference_1024_TAG.json (untiled),
 # train_step_TAG.json, and everything printed to OUTDIR/run_TAG.log. `demo` runs the README's
 # main job (configs/demo.py) into $DEMO_WORKDIR (default runs/demo_TAG) and prints its validation
-# PSNR. On an H100 (2026-11-27) the attention step took 161 s (before attention.py's looped case,
-# which adds a compile and >= 1 s of calls per size) and inference 128²–512² 149 s.
-# attention and inference need jax (with the accelerator's plugin), flax, psutil and matplotlib;
-# train_step and demo import enlca_jax.train_lib, which also needs optax, orbax-checkpoint,
-# tensorflow-datasets, grain and ml_collections (requirements.txt has the versions).
+# PSNR. On an H100 the attention step takes about 3 minutes and inference 128²–512² 2.5.
+# attention and inference need jax (with the accelerator's plugin), flax, psutil and matplotlib
+# (`pip install ".[experiments]"`); train_step and demo need the training extra too
+# (`pip install ".[train,experiments]"`; requirements.txt has the tested versions).
 # Sizes for a quick check: ATTENTION_SIZES, INFERENCE_SIZES, INFERENCE_1024 (e.g. "64").
 set -u
 out=${1:?usage: benchmarks/run_accelerator.sh OUTDIR TAG [STEP...]}

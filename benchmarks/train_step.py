@@ -3,11 +3,12 @@
     python benchmarks/train_step.py                       # ×4, LR patch 48, batch 16
     python benchmarks/train_step.py --batch 4 --json out/train_step.json
     python benchmarks/train_step.py --no-breakdown --unchunked     # baseline: one call per conv
+    python benchmarks/train_step.py --no-breakdown --xla_convs     # baseline: XLA's convolutions
 
 Times one jitted train step (Adam, L1 + 0.001·contrastive, 5 ENLCA blocks) and, for the
 breakdown, the same step without the contrastive term, without attention (plain EDSR) and the
 optimiser update alone. Achieved GFLOP/s = XLA's counted FLOPs of the step (counted on the same
-step with ``conv_impl='xla'``, whose convolutions are not loops) / its time. Reports them next to
+step with XLA's own convolutions, which are not loops) / its time. Reports them next to
 a float32 matmul (2048² on the CPU, 8192² on an accelerator) measured in the same run (before
 and after the steps; the higher is used).
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 
 from benchmarks import common  # noqa: E402
 from configs import enlca_x4  # noqa: E402
-from enlca_jax import conv, host_memory, train_lib  # noqa: E402
+from enlca_jax import configuration, cpu, train_step  # noqa: E402
 
 
 def synthetic_batch(batch: int, patch: int, scale: int) -> dict[str, np.ndarray]:
@@ -37,47 +38,43 @@ def synthetic_batch(batch: int, patch: int, scale: int) -> dict[str, np.ndarray]
     }
 
 
-def step_fn(config, with_contrastive: bool, conv_impl: str | None = None):
+def step_fn(config, with_contrastive: bool, conv_general_dilated=None):
     """(train_step with everything but state and batch bound, its model, its optimiser)."""
-    if conv_impl is not None:
-        config = config.copy_and_resolve_references()
-        config.model.conv_impl = conv_impl
-    model, tx = train_lib.create_model(config), train_lib.create_optimizer(config)
+    model = configuration.build_model(config, conv_general_dilated=conv_general_dilated)
+    tx = train_step.create_optimizer(config)
     fn = functools.partial(
-        train_lib.train_step, model=model, tx=tx, schedule=train_lib.learning_rate_schedule(config),
+        train_step.train_step, model=model, tx=tx, schedule=train_step.learning_rate_schedule(config),
         contrastive_weight=config.contrastive.weight, with_contrastive=with_contrastive, axis_name=None,
     )  # fmt: skip
     return fn, model, tx
 
 
-def step_case(config, batch, with_contrastive: bool, attention: str, repeats: int):
+def step_case(config, batch, with_contrastive: bool, attention: str, repeats: int, conv_general_dilated=None):
     config = config.copy_and_resolve_references()
     config.model.attention = attention
-    fn, model, tx = step_fn(config, with_contrastive)
-    state = train_lib.create_train_state(config, model, tx)
+    fn, model, tx = step_fn(config, with_contrastive, conv_general_dilated)
+    state = train_step.create_train_state(config, model, tx)
     # FLOPs of the same step with XLA's own convolutions: chunked convolutions are loops, which
     # XLA's cost analysis counts once (common.counted_flops). Same state: the parameters agree.
-    flops_fn, _, _ = step_fn(config, with_contrastive, conv_impl="xla")
+    flops_fn, _, _ = step_fn(config, with_contrastive)
     compiled, flops, memory = common.compiled_cost(fn, state, batch, flops_fn=flops_fn)
     seconds = common.time_fn(lambda: compiled(state, batch), repeats=repeats)
     return seconds, flops, memory, state, tx
 
 
-def main(argv=None) -> int:
+def main(argv=None, conv_general_dilated=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16, help="images per step (authors: 16)")
     parser.add_argument("--patch", type=int, default=48, help="LR patch size (authors: 48)")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per case (median)")
     parser.add_argument("--no-breakdown", action="store_true", help="time only the full step")
-    parser.add_argument("--conv_impl", default="auto", choices=conv.CONV_IMPLS, help="config.model.conv_impl")
-    common.add_unchunked_flag(parser)
+    common.add_conv_flags(parser)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
     config = enlca_x4.get_config()
     config.data.patch_size = args.patch
-    config.model.conv_impl = args.conv_impl
-    common.apply_unchunked_flag(args)
+    conv = common.model_conv(args, conv_general_dilated)
     batch = synthetic_batch(args.batch, args.patch, config.model.scale)
     matmul = common.matmul_gflops()
     rows = []
@@ -85,7 +82,7 @@ def main(argv=None) -> int:
     if not args.no_breakdown:
         cases += [("without contrastive term", False, "enla"), ("without attention (EDSR)", False, "none")]
     for name, contrastive, attention in cases:
-        seconds, flops, memory, state, tx = step_case(config, batch, contrastive, attention, args.repeats)
+        seconds, flops, memory, state, tx = step_case(config, batch, contrastive, attention, args.repeats, conv)
         rows.append({
             "case": name, "seconds": seconds, "steps_per_s": 1 / seconds, "images_per_s": args.batch / seconds,
             **common.rate(flops, seconds),
@@ -115,7 +112,7 @@ def main(argv=None) -> int:
     print(f"peak RSS {common.peak_rss_gib():.2f} GiB")
     common.write_json(args.json, {
         "benchmark": "train_step", "machine": common.machine_info(), "batch": args.batch, "patch": args.patch,
-        "conv_impl": args.conv_impl, "chunked": not args.unchunked,
+        "xla_convs": conv is None, "chunked": not args.unchunked,
         "matmul_gflops_per_s": matmul, "matmul_before_gflops_per_s": matmul_before, "cases": rows,
         "breakdown_fraction": breakdown,
         "peak_rss_gib": common.peak_rss_gib(),
@@ -124,5 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_retained_memory()
-    sys.exit(main())
+    sys.exit(main(conv_general_dilated=cpu.setup(restart=True)))

@@ -26,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.feature_type = "orthogonal"  # 'orthogonal' (authors) or 'iid' Gaussian rows of F
     config.model.initializer = "pytorch"  # 'pytorch' (authors' training) or 'flax' default initialisers
     config.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and feature maps stay f32)
-    config.model.conv_impl = "auto"  # conv kernel gradients: 'auto' (tap matmuls on CPU), 'xla', 'tap_matmul'
 
     # --- Contrastive sparse aggregation loss ----------------------------------------------------
     config.contrastive = ml_collections.ConfigDict()

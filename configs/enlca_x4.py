@@ -9,9 +9,9 @@ DIV2K 800 images, LR patch 48, batch 16, 8-way flips/transposes, Adam (0.9, 0.99
 halved at 200k/400k/600k/800k steps, 1M steps, L1 + 0.001 · contrastive from step 101k, random
 features redrawn every 640 steps; validation on Set14 every 1000 steps.
 Expected: the paper reports 32.67 dB on Set5 and 28.94 dB on Set14 (×4, Y-PSNR) after the full
-run. The full run needs accelerators: on 2 CPU cores one batch-16 ×4 step takes 77–81 s
-(benchmarks/train_step.py on 2026-11-27 with train.py's host-memory settings, 90 s without; it
-varies with the machine's state), i.e. over two years for 1M steps; on one modern GPU expect days.
+run. The full run needs accelerators: on 2 CPU cores one batch-16 ×4 step takes about 80 s
+(benchmarks/train_step.py), i.e. over two years for 1M steps; on one H200 about 0.09 s, about 26
+hours for 1M steps (docs/performance.md).
 The ``paper`` variant uses the paper's contrastive counts (n1 = 2 %, n2 = 8 %), a 150k-step
 warm-up and Adam β2 = 0.99.
 """

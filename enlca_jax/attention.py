@@ -26,8 +26,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from enlca_jax import conv as conv_lib
-
 Array = jax.Array
 Dtype = Any
 PrecisionLike = Any
@@ -586,7 +584,8 @@ class ENLCA(nn.Module):
     In training mode (``train=True``) the per-example contrastive loss [B] is sown into the
     ``'losses'`` collection under ``'contrastive'`` (ask for it with ``mutable=['losses']``).
 
-    ``conv_impl`` picks how the 1×1 convs' kernel gradients are computed (`enlca_jax.conv.resolve`).
+    ``conv_general_dilated`` is handed to the 1×1 convs as ``flax.linen.Conv``'s field of that name
+    (None: ``jax.lax.conv_general_dilated``); it changes how they run, not the parameters.
     """
 
     reduction: int = 4
@@ -607,7 +606,7 @@ class ENLCA(nn.Module):
     precision: PrecisionLike = None
     kernel_init: Callable[..., Array] = nn.linear.default_kernel_init
     bias_init: Callable[..., Array] = nn.initializers.zeros_init()
-    conv_impl: str = "auto"
+    conv_general_dilated: Callable[..., Array] | None = None
 
     def _conv(self, features: int, name: str) -> nn.Conv:
         return nn.Conv(
@@ -618,7 +617,7 @@ class ENLCA(nn.Module):
             precision=self.precision,
             kernel_init=self.kernel_init,
             bias_init=self.bias_init,
-            conv_general_dilated=conv_lib.resolve(self.conv_impl),
+            conv_general_dilated=self.conv_general_dilated,
             name=name,
         )
 

@@ -1,13 +1,20 @@
-"""Model checkpoints on disk: variables through orbax, the architecture as JSON, written atomically.
+"""Checkpoints on disk, both formats and their restore (evaluation reads them without training code).
 
-A model checkpoint directory holds ``model.json`` (the `models.model_from_config` fields) and
-``variables/`` (an orbax StandardCheckpointer tree of ``{'params', 'random_features'}``). The
-weight converter writes one; `load_model` reads one.
+- A *model checkpoint* directory holds ``model.json`` (the `models.model_from_config` fields) and
+  ``variables/`` (an orbax StandardCheckpointer tree of ``{'params', 'random_features'}``). The
+  weight converter writes one (`save_model`); `load_model` reads one.
+- A *training workdir* holds ``config.json`` and orbax-managed ``checkpoints/`` (latest K) and
+  ``best/`` (best K by validation PSNR) of the whole train state and the data-iterator state
+  (`TrainCheckpoints`).
+
+`restore_model` reads a model from either. Everything is written atomically: a crash never
+leaves a partial checkpoint that a restore would pick up.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -17,7 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from enlca_jax import models
+from enlca_jax import attention, configuration, models
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
@@ -83,3 +90,104 @@ def load_model(directory: str | os.PathLike, **overrides: Any) -> tuple[models.E
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(directory / VARIABLES_DIR)
     return model, variables
+
+
+class TrainCheckpoints:
+    """Latest-K checkpoints in ``<workdir>/checkpoints`` and best-K by validation PSNR in ``<workdir>/best``.
+
+    Each holds ``state`` (the unreplicated TrainState) and ``data`` (the grain iterator state, JSON).
+    Saves are asynchronous; orbax writes into a temporary folder and renames it when complete, so
+    a crash never leaves a partial checkpoint that a restore would pick up.
+    """
+
+    def __init__(self, workdir: pathlib.Path, keep_latest: int, keep_best: int):
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.latest = ocp.CheckpointManager(
+            workdir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True),
+            item_handlers=handlers,
+        )
+        self.best = ocp.CheckpointManager(
+            workdir / "best",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_best, best_fn=lambda m: m["psnr"], best_mode="max", create=True
+            ),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+        )
+
+    @staticmethod
+    def _args(state: Any, data_state: dict) -> ocp.args.Composite:
+        return ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+
+    def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> None:
+        if step in self.latest.all_steps():
+            return
+        self.latest.save(step, args=self._args(state, data_state), force=force)
+
+    def save_best(self, step: int, state: Any, data_state: dict, psnr: float) -> None:
+        if math.isfinite(psnr) and step not in self.best.all_steps():
+            self.best.save(step, args=self._args(state, data_state), metrics={"psnr": psnr}, force=True)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        restored = self.latest.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def restore_model(
+    workdir: str | os.PathLike, which: str = "latest", **overrides: Any
+) -> tuple[models.ENLCN, dict[str, Any], int]:
+    """``(model, variables, step)`` from a training workdir: ``which`` is 'latest', 'best' or a step.
+
+    A model checkpoint directory (`save_model`, e.g. made by the weight converter) also works.
+    ``overrides`` are model fields to change (`models.model_from_config`), e.g.
+    ``conv_general_dilated=enlca_jax.cpu.setup()``.
+    """
+    workdir = pathlib.Path(workdir).expanduser().absolute()
+    if (workdir / MODEL_JSON).is_file() and (workdir / VARIABLES_DIR).is_dir():
+        model, variables = load_model(workdir, **overrides)
+        return model, variables, 0
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{workdir} is neither a training workdir (no config.json) nor a converted model checkpoint "
+            "(no model.json)."
+        )
+    saved = json.loads(config_path.read_text())
+    overrides.setdefault("dtype", configuration.compute_dtype(saved.get("dtype", "float32")))
+    model = models.model_from_config(saved["model_config"], **overrides)
+    folder = workdir / ("best" if which == "best" else "checkpoints")
+    manager = ocp.CheckpointManager(
+        folder,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+    )
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {folder}.")
+    if which == "latest":
+        step = max(steps)
+    elif which == "best":
+        step = manager.best_step() if manager.best_step() is not None else max(steps)
+    else:
+        step = int(which)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {folder}; available: {sorted(steps)}.")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    variables = {"params": restored["params"]}
+    if restored.get("random_features"):
+        variables[attention.FEATURE_COLLECTION] = restored["random_features"]
+    return model, variables, step

@@ -199,6 +199,8 @@ class Options:
     chop: bool = False
     pad_multiple: int = 32
     save_images: bool = False
+    #: How the model's convolutions run (`enlca_jax.cpu.setup` gives the XLA:CPU one); None: XLA's.
+    conv_general_dilated: Callable[..., Any] | None = None
 
 
 def make_upscaler(options: Options) -> tuple[Callable[[np.ndarray], np.ndarray], int, dict[str, Any]]:
@@ -211,9 +213,9 @@ def make_upscaler(options: Options) -> tuple[Callable[[np.ndarray], np.ndarray],
         raise ValueError(f"--model must be 'enlcn' or 'bicubic', got {options.model!r}.")
     if not options.workdir:
         raise ValueError("--workdir (a training workdir or a converted checkpoint) is required for --model enlcn.")
-    from enlca_jax import train_lib  # noqa: PLC0415
-
-    model, variables, step = train_lib.restore_model(options.workdir, options.checkpoint)
+    model, variables, step = checkpointing.restore_model(
+        options.workdir, options.checkpoint, conv_general_dilated=options.conv_general_dilated
+    )
     if options.scale is not None and options.scale != model.scale:
         raise ValueError(f"--scale {options.scale} but the checkpoint is a ×{model.scale} model.")
     kwargs: dict[str, Any] = {"self_ensemble": options.self_ensemble}

@@ -199,7 +199,8 @@ def predict_tiled_batch(model: models.ENLCN, variables: Any, x: Array, *, tile_s
     """
     if int(tile_size) != tile_size or tile_size < 1:
         raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}.")
-    if model.attention_fn not in (None, attention.efficient_attention):
+    block = model.block()
+    if block is not None and block.attention_fn is not attention.efficient_attention:
         raise ValueError("tiled inference needs ENLA (or no attention): exact NLA has no additive key summary.")
     fns = _stage_fns(model)
     x = np.asarray(x, np.float32)

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enlca_jax import attention, subpixel
-from enlca_jax import conv as conv_lib
+from enlca_jax import attention
+from enlca_jax.cpu import xla_flags
 
 Array = jax.Array
 
@@ -154,24 +154,25 @@ class Upsampler(nn.Module):
     """Authors' Upsampler: per factor r, conv3×3 C → C·r² then PixelShuffle(r). [B,H,W,C] → [B,sH,sW,C].
 
     Called with ``tail`` = (kernel [3, 3, C, colors], bias), it returns the tail conv of the
-    upsampled image instead, [B, sH, sW, colors]; with ``conv_impl`` resolving to the CPU path,
-    the last stage, its shuffle and the tail are then computed fused, without forming the shuffled
-    image (`subpixel.upsample_and_tail`: the same function, faster; LR 512² ×4 inference peaks at
-    2.9 GiB instead of 9.1).
+    upsampled image instead, [B, sH, sW, colors]. When ``conv_general_dilated`` has an
+    ``upsample_and_tail`` attribute (`enlca_jax.cpu.conv_general_dilated` does), the last stage,
+    its shuffle and the tail are computed by it in one call,
+    ``upsample_and_tail(x, up_kernel, up_bias, tail_kernel, tail_bias, mask, factor, precision)``,
+    which must equal ``conv(tail, mask · PixelShuffle_r(conv(up, x) + b_up)) + b_tail``.
     """
 
     scale: int
     features: int
     conv: Callable[..., nn.Module] = nn.Conv  # the stages before the last
     last: Callable[..., nn.Module] = ConvParams  # the last stage's kernel and bias
-    conv_impl: str = "xla"
+    conv_general_dilated: Callable[..., Array] | None = None
     dtype: Any = None
     precision: Any = None
 
     def _conv(self, x: Array, kernel: Array, bias: Array) -> Array:
         """``nn.Conv``'s 'SAME' stride-1 application of a kernel and bias from `ConvParams`."""
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        fn = conv_lib.resolve(self.conv_impl) or jax.lax.conv_general_dilated
+        fn = self.conv_general_dilated or jax.lax.conv_general_dilated
         y = fn(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
         return y + bias
 
@@ -183,10 +184,11 @@ class Upsampler(nn.Module):
             x = apply_mask(pixel_shuffle(x, factor), mask)
         factor = factors[-1]
         kernel, bias = self.last(self.features * factor * factor, name=f"conv_{len(factors) - 1}")(x.shape[-1])
-        if tail is not None and conv_lib.resolve(self.conv_impl) is not None:
+        fused = getattr(self.conv_general_dilated, "upsample_and_tail", None)
+        if tail is not None and fused is not None:
             x, kernel, bias, tail_kernel, tail_bias = nn.dtypes.promote_dtype(x, kernel, bias, *tail, dtype=self.dtype)
             here = None if mask is None else mask_at(mask, x.shape[1])
-            return subpixel.upsample_and_tail(x, kernel, bias, tail_kernel, tail_bias, here, factor, self.precision)
+            return fused(x, kernel, bias, tail_kernel, tail_bias, here, factor, self.precision)
         x = apply_mask(pixel_shuffle(self._conv(x, kernel, bias), factor), mask)
         return x if tail is None else self._conv(x, *tail)
 
@@ -205,18 +207,19 @@ class ENLCN(nn.Module):
       scale: 2, 3 or 4.
       num_resblocks, features, res_scale: EDSR trunk (authors: 32, 256, 0.1).
       attention_every: an ENLCA block before the first ResBlock and after every n-th (8).
-      attention_fn: ``attention.efficient_attention`` (ENLA, default),
-        ``attention.softmax_attention`` (exact NLA) or None (no attention: plain EDSR).
-      reduction, num_random_features, amplification, feature_type, contrastive_*: the ENLCA
-        blocks' settings (see `attention.ENLCA`).
+      attention_block: the attention block's constructor, ``attention.ENLCA`` (default) or a
+        ``functools.partial`` of it with its own settings (random features, amplification,
+        contrastive windows, ``attention_fn=attention.softmax_attention`` for exact NLA); None for
+        no attention (plain EDSR). ENLCN sets the fields it owns on every block: ``res_scale``,
+        ``dtype``, ``param_dtype``, ``precision``, ``conv_general_dilated`` and the initialisers.
       initializer: ``'pytorch'`` (default: the PyTorch defaults the authors trained with; EDSR-style
         nets with res_scale 0.1 were tuned with them) or ``'flax'`` (lecun_normal, zero bias).
       rgb_mean, rgb_range, colors: MeanShift constants and image range.
       dtype, param_dtype, precision: as in flax.linen.Conv (feature maps stay float32).
-      conv_impl: ``'auto'`` (default), ``'xla'`` or ``'tap_matmul'``: how convolutions are run
-        (`enlca_jax.conv`: kernel gradients as tap matmuls, large convolutions in chunks, the tail
-        fused with the last upsampler stage by `enlca_jax.subpixel`; the same function, ≈1.7×
-        faster train steps and faster, 3× leaner large-image inference on CPU).
+      conv_general_dilated: how every convolution runs, as ``flax.linen.Conv``'s field of that name
+        (None: ``jax.lax.conv_general_dilated``); see `Upsampler` for its optional fused tail.
+        Programs on the CPU pass `enlca_jax.cpu.conv_general_dilated`. The parameters are the same
+        either way.
     """
 
     scale: int = 4
@@ -224,16 +227,7 @@ class ENLCN(nn.Module):
     features: int = 256
     res_scale: float = 0.1
     attention_every: int = 8
-    attention_fn: Callable[..., Array] | None = attention.efficient_attention
-    reduction: int = 4
-    num_random_features: int = 128
-    amplification: float = 6.0
-    feature_type: str = "orthogonal"
-    contrastive_positive: int = 15
-    contrastive_negative_start: int = 50
-    contrastive_negative: int = 15
-    contrastive_fractions: tuple[float, float] | None = None
-    contrastive_margin: float = 1.0
+    attention_block: Callable[..., nn.Module] | None = attention.ENLCA
     initializer: str = "pytorch"
     rgb_mean: Sequence[float] = DIV2K_MEAN
     rgb_range: float = 1.0
@@ -241,7 +235,7 @@ class ENLCN(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
-    conv_impl: str = "auto"
+    conv_general_dilated: Callable[..., Array] | None = None
 
     def _conv_inits(self, kernel: int, fan_in: int) -> dict[str, Callable[..., Array]]:
         if self.initializer == "pytorch":
@@ -260,7 +254,7 @@ class ENLCN(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
-            conv_general_dilated=conv_lib.resolve(self.conv_impl),
+            conv_general_dilated=self.conv_general_dilated,
             **self._conv_inits(kernel, fan_in),
         )
 
@@ -272,7 +266,7 @@ class ENLCN(nn.Module):
 
     @property
     def layout(self) -> list[tuple[str, int]]:
-        return body_layout(self.num_resblocks, self.attention_every, self.attention_fn is not None)
+        return body_layout(self.num_resblocks, self.attention_every, self.attention_block is not None)
 
     @property
     def num_attention_blocks(self) -> int:
@@ -288,40 +282,33 @@ class ENLCN(nn.Module):
         conv3 = self._conv_factory(3, self.features)
         self.head = self._conv_factory(3, self.colors)(self.features)
         self.resblocks = [ResBlock(self.features, self.res_scale, conv3) for _ in range(self.num_resblocks)]
-        if self.initializer == "pytorch":
-            embed_inits = {
-                "kernel_init": pytorch_kernel_init(),
-                "bias_init": pytorch_bias_init(self.features),
-            }
-        else:
-            embed_inits = {}
-        self.attention = [
-            attention.ENLCA(
-                reduction=self.reduction,
-                num_features=self.num_random_features,
-                amplification=self.amplification,
-                res_scale=self.res_scale,
-                feature_type=self.feature_type,
-                attention_fn=self.attention_fn,
-                contrastive_positive=self.contrastive_positive,
-                contrastive_negative_start=self.contrastive_negative_start,
-                contrastive_negative=self.contrastive_negative,
-                contrastive_fractions=self.contrastive_fractions,
-                contrastive_margin=self.contrastive_margin,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                precision=self.precision,
-                conv_impl=self.conv_impl,
-                **embed_inits,
-            )
-            for _ in range(self.num_attention_blocks)
-        ]
+        self.attention = [self.attention_block(**self._block_fields()) for _ in range(self.num_attention_blocks)]
         self.body_conv = conv3(self.features)
         params3 = self._params_factory(3, self.features)
         self.upsampler = Upsampler(
-            self.scale, self.features, conv3, params3, self.conv_impl, dtype=self.dtype, precision=self.precision
-        )
-        self.tail = params3(self.colors)  # applied by the upsampler (fused with its last stage on CPU)
+            self.scale, self.features, conv3, params3, self.conv_general_dilated, dtype=self.dtype,
+            precision=self.precision,
+        )  # fmt: skip
+        self.tail = params3(self.colors)  # applied by the upsampler (fused with its last stage if it can)
+
+    def _block_fields(self) -> dict[str, Any]:
+        """The fields ENLCN sets on its attention blocks (its own; the rest is the block's)."""
+        fields = {
+            "res_scale": self.res_scale,
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+            "precision": self.precision,
+            "conv_general_dilated": self.conv_general_dilated,
+        }
+        if self.initializer == "pytorch":  # 1×1 convs: fan_in = features
+            fields.update(kernel_init=pytorch_kernel_init(), bias_init=pytorch_bias_init(self.features))
+        return fields
+
+    def block(self) -> nn.Module | None:
+        """An unbound attention block as this model builds them (to read its settings), or None."""
+        if self.attention_block is None:
+            return None
+        return self.attention_block(**self._block_fields(), parent=None)
 
     # The stages below are public so that tiled inference can run the network piece by piece.
 
@@ -342,6 +329,8 @@ class ENLCN(nn.Module):
             raise ValueError(f"ENLCN expects [B, H, W, {self.colors}] images, got shape {x.shape}.")
         if mask is not None and mask.shape != x.shape[:3]:
             raise ValueError(f"mask must be [B, H, W] = {x.shape[:3]}, got {mask.shape}.")
+        if jax.default_backend() == "cpu":
+            xla_flags.warn_if_deadlock_prone(self.num_attention_blocks)
         skip = self.embed(x, mask)
         trunk = skip
         for kind, index in self.layout:
@@ -352,28 +341,74 @@ class ENLCN(nn.Module):
         return self.reconstruct(trunk, skip, mask)
 
 
-#: Names of the attention variants in configs and checkpoints.
+#: Names of the attention variants in configs and checkpoints (``attention`` field of the JSON).
 ATTENTION_FNS: dict[str, Callable[..., Array] | None] = {
     "enla": attention.efficient_attention,
     "nla": attention.softmax_attention,
     "none": None,
 }
+#: JSON fields of a model that configure its ENLCA blocks, and the `attention.ENLCA` field of each.
+BLOCK_FIELDS = {
+    "reduction": "reduction",
+    "num_random_features": "num_features",
+    "amplification": "amplification",
+    "feature_type": "feature_type",
+    "contrastive_positive": "contrastive_positive",
+    "contrastive_negative_start": "contrastive_negative_start",
+    "contrastive_negative": "contrastive_negative",
+    "contrastive_fractions": "contrastive_fractions",
+    "contrastive_margin": "contrastive_margin",
+}
+
+
+class BlockPartial(functools.partial):
+    """``functools.partial`` that compares by value, so models built twice from one config are equal
+    (and share compiled functions cached on the model)."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, functools.partial):
+            return NotImplemented
+        return (self.func, self.args, self.keywords) == (other.func, other.args, other.keywords)
+
+    def __hash__(self) -> int:
+        return hash((self.func, self.args, tuple(sorted(self.keywords.items()))))
+
+
+#: JSON fields of earlier versions that no longer configure anything (how convolutions ran).
+_IGNORED_FIELDS = ("conv_impl",)
 
 
 def model_from_config(config: dict[str, Any], **overrides: Any) -> ENLCN:
-    """ENLCN from a JSON-able dict of its fields, with ``attention`` one of 'enla', 'nla', 'none'."""
+    """The one way to build an ENLCN from its JSON-able description (configs, checkpoints).
+
+    Args:
+      config: flat fields: ENLCN's own (``scale``, ``features``, …), ``attention`` ('enla',
+        'nla' or 'none') and the block settings of `BLOCK_FIELDS` (``num_random_features``,
+        ``amplification``, ``contrastive_*``, …).
+      overrides: fields that replace those of ``config``, JSON ones or objects
+        (``dtype=jnp.bfloat16``, ``conv_general_dilated=...``).
+
+    Returns:
+      ``ENLCN(attention_block=partial(attention.ENLCA, ...), ...)`` (a `BlockPartial`).
+    """
     config = {**dict(config), **overrides}
+    for key in _IGNORED_FIELDS:
+        config.pop(key, None)
     name = config.pop("attention", "enla")
     if name not in ATTENTION_FNS:
         raise ValueError(f"attention must be one of {sorted(ATTENTION_FNS)}, got {name!r}.")
-    fields = set(ENLCN.__dataclass_fields__) - {"parent", "name", "attention_fn"}
+    block = {BLOCK_FIELDS[key]: config.pop(key) for key in list(config) if key in BLOCK_FIELDS}
+    fields = set(ENLCN.__dataclass_fields__) - {"parent", "name", "attention_block"}
     unknown = set(config) - fields
     if unknown:
-        raise ValueError(f"unknown ENLCN fields {sorted(unknown)}; known: {sorted(fields)}.")
-    for key in ("rgb_mean", "contrastive_fractions"):
-        if isinstance(config.get(key), list):
-            config[key] = tuple(config[key])
-    return ENLCN(attention_fn=ATTENTION_FNS[name], **config)
+        raise ValueError(f"unknown ENLCN fields {sorted(unknown)}; known: {sorted(fields | set(BLOCK_FIELDS))}.")
+    for fields_, key in ((config, "rgb_mean"), (block, "contrastive_fractions")):
+        if isinstance(fields_.get(key), list):
+            fields_[key] = tuple(fields_[key])
+    attention_fn = ATTENTION_FNS[name]
+    if attention_fn is None:
+        return ENLCN(attention_block=None, **config)
+    return ENLCN(attention_block=BlockPartial(attention.ENLCA, attention_fn=attention_fn, **block), **config)
 
 
 def count_params(params: Any) -> int:
@@ -393,8 +428,16 @@ ENLCN_X2 = functools.partial(ENLCN, scale=2)
 ENLCN_X3 = functools.partial(ENLCN, scale=3)
 ENLCN_X4 = functools.partial(ENLCN, scale=4)
 #: EDSR baseline without attention (ablation "no attention").
-EDSR_X4 = functools.partial(ENLCN, scale=4, attention_fn=None)
+EDSR_X4 = functools.partial(ENLCN, scale=4, attention_block=None)
+#: The exact non-local attention ablation (NLA): softmax attention in every block.
+NLA_BLOCK = functools.partial(attention.ENLCA, attention_fn=attention.softmax_attention)
 #: Two ResBlocks, 16 channels, attention before and after them (tests).
-ENLCN_TINY = functools.partial(ENLCN, num_resblocks=2, features=16, attention_every=2, num_random_features=32)
+ENLCN_TINY = functools.partial(
+    ENLCN,
+    num_resblocks=2,
+    features=16,
+    attention_every=2,
+    attention_block=functools.partial(attention.ENLCA, num_features=32),
+)
 #: Eight ResBlocks, 32 channels (the golden file's reduced model; CPU demos).
 ENLCN_SMALL = functools.partial(ENLCN, num_resblocks=8, features=32)

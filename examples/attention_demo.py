@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from skimage import data, transform
 
-from enlca_jax import attention
+from enlca_jax import attention, cpu
 
 
 def main() -> None:
@@ -48,4 +48,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cpu.setup()  # XLA:CPU flags where it computes on the CPU; nothing elsewhere
     main()

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from enlca_jax import attention, models  # noqa: E402
+from enlca_jax import attention, cpu, models  # noqa: E402
 
 KINDS = ("iid", "orthogonal")
 
@@ -328,4 +328,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cpu.setup()  # XLA:CPU flags where it computes on the CPU; nothing elsewhere
     sys.exit(main())

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import common
-from enlca_jax import conv
+from enlca_jax.cpu import conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

@@ -1,0 +1,237 @@
+"""Training: ``train_and_evaluate(config, workdir)``, the library behind ``train.py``.
+
+The pure step (`enlca_jax.train_step`) is ``jax.pmap``-ped over the local devices with axis name
+``'batch'``. State is replicated for the step and saved unreplicated by orbax
+(`checkpointing.TrainCheckpoints`), so a run restores on any device count; checkpoints hold the
+whole train state and the data-iterator state, so a resumed run continues with exactly the
+losses an uninterrupted run would have produced. Validation (`validation.Validator`) runs on
+whole images; SIGTERM/SIGINT (`stop_signals.StopRequest`) end the run with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+
+from enlca_jax import (
+    attention,
+    checkpointing,
+    configuration,
+    datasets,
+    input_pipeline,
+    metric_writers,
+    models,
+    stop_signals,
+    train_step,
+    validation,
+)
+
+log = logging.getLogger("enlca_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN or infinite; the run stopped without saving that state."""
+
+
+def check_batch_size(batch_size: int) -> int:
+    """Per-process batch; the global batch must divide by the device count."""
+    devices, processes = jax.device_count(), jax.process_count()
+    if batch_size % devices:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the {devices} devices (jax.device_count()); "
+            f"set --config.batch_size to a multiple of {devices}."
+        )
+    return batch_size // processes
+
+
+def write_run_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, params: Any) -> None:
+    """``<workdir>/config.json``: the config, the model's JSON fields (`restore_model` reads them)."""
+    checkpointing.write_json_atomic(
+        workdir / "config.json",
+        {
+            "config": json.loads(config.to_json_best_effort()),
+            "model_config": configuration.model_fields(config),
+            "dtype": config.model.dtype,
+            "parameters": models.count_params(params),
+        },
+    )
+
+
+def training_batches(config: ml_collections.ConfigDict, per_process_batch: int):
+    """This process's shard of the training split as a checkpointable iterator of uint8 batches."""
+    source = datasets.load_split(
+        config.data.train, config.data.train_split, configuration.data_dir(config), scale=config.model.scale
+    )
+    return iter(
+        input_pipeline.train_dataset(
+            source, scale=config.model.scale, patch_size=config.data.patch_size, batch_size=per_process_batch,
+            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+            augment=config.data.augment, worker_count=config.data.worker_count,
+            read_threads=config.data.read_threads, prefetch=config.data.prefetch,
+        )
+    )  # fmt: skip
+
+
+def parallel_steps(config: ml_collections.ConfigDict, model: models.ENLCN, tx: Any) -> tuple[dict, Callable]:
+    """({with_contrastive: pmapped step (state donated)}, pmapped redraw of the random features)."""
+    schedule = train_step.learning_rate_schedule(config)
+    steps = {
+        flag: jax.pmap(
+            functools.partial(
+                train_step.train_step, model=model, tx=tx, schedule=schedule,
+                contrastive_weight=config.contrastive.weight, with_contrastive=flag,
+            ),
+            axis_name="batch",
+            donate_argnums=(0,),
+        )
+        for flag in (False, True)
+    }  # fmt: skip
+    interval, kind = config.redraw_interval, config.model.feature_type
+    redraw = jax.pmap(
+        lambda s: s.replace(random_features=train_step.features_at(s.random_features, s.key, s.step, interval, kind)),
+        axis_name="batch",
+    )
+    return steps, redraw
+
+
+def check_finite(metrics: dict[str, Any], step: int, workdir: pathlib.Path) -> None:
+    bad = {key: float(value) for key, value in metrics.items() if not np.isfinite(value)}
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {bad} at step {step}; stopping without saving this state. The last good checkpoint is "
+            f"in {workdir / 'checkpoints'}; lower the learning rate or enable config.grad_clip_norm."
+        )
+
+
+def variables_of(state: train_step.TrainState) -> dict[str, Any]:
+    """Model variables of a host-side train state."""
+    if not state.random_features:
+        return {"params": state.params}
+    return {"params": state.params, attention.FEATURE_COLLECTION: state.random_features}
+
+
+class _Progress:
+    """Steps/s, the log line or tqdm bar (process 0), and the metric rows every ``log_every`` steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict, writer: metric_writers.MetricWriter, step: int):
+        self.config, self.writer, self.is_main = config, writer, jax.process_index() == 0
+        self.bar = None
+        if config.progress_bar and sys.stderr.isatty() and self.is_main:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=config.num_train_steps, initial=step, unit="step", dynamic_ncols=True)
+        self.timer, self.timer_step = time.time(), step
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        total = self.config.num_train_steps
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if step % self.config.log_every and step != total:
+            return
+        rate = (step - self.timer_step) / max(time.time() - self.timer, 1e-9)
+        self.writer.write_scalars(step, {**metrics, "steps_per_second": rate})
+        if self.bar is None and self.is_main:
+            eta = time.strftime("%H:%M:%S", time.gmtime((total - step) / max(rate, 1e-9)))
+            log.info("step %d/%d loss %.5f l1 %.5f contrastive %.4f %.2f it/s ETA %s", step, total, metrics["loss"],
+                     metrics["l1"], metrics["contrastive"], rate, eta)  # fmt: skip
+        self.timer, self.timer_step = time.time(), step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    conv_general_dilated: Callable[..., Any] | None = None,
+) -> dict[str, float]:
+    """Train (resuming from ``workdir`` if it has checkpoints), validate, checkpoint.
+
+    Args:
+      config: a training config (``configs/default.py`` lists its fields).
+      workdir: where checkpoints, metrics and samples go; a second run resumes from it.
+      conv_general_dilated: how the model's convolutions run (`enlca_jax.cpu.setup` returns the
+        XLA:CPU one); None for ``jax.lax.conv_general_dilated``. The parameters are the same.
+
+    Returns:
+      The last validation metrics (``psnr``, ``ssim``, ``bicubic_psnr``, ``bicubic_ssim``) and ``step``.
+    """
+    if config.distributed:
+        jax.distributed.initialize()
+    workdir = pathlib.Path(workdir).expanduser().absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    is_main = jax.process_index() == 0
+    per_process_batch = check_batch_size(config.batch_size)
+    model = configuration.build_model(config, conv_general_dilated=conv_general_dilated)
+    tx = train_step.create_optimizer(config)
+    state = train_step.create_train_state(config, model, tx)
+    if is_main:
+        write_run_config(workdir, config, state.params)
+    data_iter = training_batches(config, per_process_batch)
+    checkpoints = checkpointing.TrainCheckpoints(workdir, config.keep_latest, config.keep_best)
+    restored = checkpoints.restore_latest(jax.eval_shape(lambda: state))
+    if restored is not None:
+        state, data_state = restored
+        data_iter.set_state(data_state)
+        log.info("resumed from step %d in %s", int(state.step), workdir)
+    step = int(state.step)
+    writer = metric_writers.MetricWriter(workdir, enabled=is_main, resume_step=step if restored else None)
+    steps, redraw = parallel_steps(config, model, tx)
+    replicated = flax.jax_utils.replicate(state)
+    with_attention = bool(state.random_features)
+    progress = _Progress(config, writer, step)
+    validator, last_eval = None, {}
+
+    def host_state() -> train_step.TrainState:
+        return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], replicated))
+
+    try:
+        with stop_signals.StopRequest() as stop:
+            while step < config.num_train_steps and not stop.requested:
+                if with_attention and step > 0 and step % config.redraw_interval == 0:
+                    replicated = redraw(replicated)
+                batch = jax.tree_util.tree_map(
+                    lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]), next(data_iter)
+                )
+                replicated, metrics = steps[with_attention and step >= config.contrastive.start_step](replicated, batch)
+                metrics = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], metrics))
+                check_finite(metrics, step, workdir)
+                step += 1
+                progress.update(step, metrics)
+                if step % config.checkpoint_every == 0:
+                    checkpoints.save(step, host_state(), data_iter.get_state())
+                if step % config.eval_every == 0 or step == config.num_train_steps:
+                    validator = validator or validation.Validator(config, model.scale, workdir)
+                    host = host_state()
+                    last_eval, samples = validator(model, variables_of(host), step)
+                    writer.write_scalars(step, {f"val_{k}": v for k, v in last_eval.items()})
+                    writer.write_images(step, {f"samples/{name}": image for name, image in samples.items()})
+                    if is_main:
+                        log.info("validation step %d: PSNR %.3f dB SSIM %.4f (bicubic %.3f dB %.4f)", step,
+                                 *(last_eval[k] for k in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")))  # fmt: skip
+                    checkpoints.save_best(step, host, data_iter.get_state(), last_eval["psnr"])
+            if stop.requested:
+                log.warning("%s received at step %d: saving a checkpoint and stopping.", stop.signal_name, step)
+            checkpoints.save(step, host_state(), data_iter.get_state(), force=True)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        progress.close()
+    return {**last_eval, "step": step}

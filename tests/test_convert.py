@@ -1,0 +1,135 @@
+"""enlca_jax.convert: the authors' state_dict (golden reduced ENLCN) imported, run and trained as theirs."""
+
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import GOLDEN, load_golden
+
+from enlca_jax import attention, checkpointing, convert, inference, models
+
+
+class TestGoldenImport:
+    """golden/enlcn_small.npz: the authors' ENLCN (8 ResBlocks, 32 features, ×2) with its
+    state_dict, eval and train outputs, and gradients. Float64 rerun differs by 1.4e-7 on out."""
+
+    def setup_method(self):
+        self.g = load_golden("enlcn_small.npz")
+        self.config, self.variables = convert.convert_state_dict(convert.load_state_dict(GOLDEN / "enlcn_small.npz"))
+        self.model = models.model_from_config(self.config)
+        self.x = self.g["x"].transpose(0, 2, 3, 1)
+
+    def test_inferred_config(self):
+        assert self.config["scale"] == 2 and self.config["features"] == 32
+        assert self.config["num_resblocks"] == 8 and self.config["reduction"] == 4
+        assert self.config["rgb_mean"] == models.DIV2K_MEAN
+
+    def test_output(self):
+        out = jax.jit(self.model.apply)(self.variables, self.x)
+        np.testing.assert_allclose(out.transpose(0, 3, 1, 2), self.g["out"], atol=1e-5)
+        np.testing.assert_allclose(
+            inference.predict(self.model, self.variables, self.x[0]),
+            self.g["out"][0].transpose(1, 2, 0),
+            atol=1e-5,
+        )
+
+    def test_training_losses_and_grads(self):
+        hr = self.g["hr"].transpose(0, 2, 3, 1)
+
+        def total_loss(params):
+            out, aux = self.model.apply({**self.variables, "params": params}, self.x, train=True, mutable=["losses"])
+            contrastive, count = attention.sum_contrastive_losses(aux["losses"])
+            return jnp.mean(jnp.abs(out - hr)) + 0.001 * jnp.mean(contrastive / count), aux
+
+        (loss, aux), grads = jax.jit(jax.value_and_grad(total_loss, has_aux=True))(self.variables["params"])
+        losses = [aux["losses"][f"attention_{j}"]["contrastive"][0][0] for j in range(2)]
+        np.testing.assert_allclose(losses, self.g["contrastive_losses"], atol=1e-6)
+        np.testing.assert_allclose(loss, self.g["total_loss"], atol=1e-6)
+        pairs = {
+            "head.0": grads["head"],
+            "body.0.conv_match1.0": grads["attention_0"]["query"],
+            "body.1.body.0": grads["resblocks_0"]["conv1"],
+            "body.9.conv_assembly.0": grads["attention_1"]["value"],
+            "body.10": grads["body_conv"],
+            "tail.0.0": grads["upsampler"]["conv_0"],
+            "tail.1": grads["tail"],
+        }
+        for name, ours in pairs.items():
+            np.testing.assert_allclose(
+                ours["kernel"], self.g[f"grad/{name}.weight"].transpose(2, 3, 1, 0), rtol=1e-3, atol=1e-6
+            )
+            np.testing.assert_allclose(ours["bias"], self.g[f"grad/{name}.bias"], rtol=1e-3, atol=1e-6)
+
+    def test_converter_cli_and_checkpoint(self, tmp_path, capsys):
+        target = tmp_path / "authors_x2"
+        assert convert.main([str(GOLDEN / "enlcn_small.npz"), "--output", str(target)]) == 0
+        assert "8" in capsys.readouterr().out
+        model, variables = checkpointing.load_model(target)
+        out = inference.predict(model, variables, self.x)
+        np.testing.assert_allclose(out.transpose(0, 3, 1, 2), self.g["out"], atol=1e-5)
+        assert json.loads((target / "model.json").read_text())["scale"] == 2
+        # An existing checkpoint is never overwritten silently.
+        assert convert.main([str(GOLDEN / "enlcn_small.npz"), "--output", str(target)]) == 2
+        assert "exists" in capsys.readouterr().err
+
+    def test_x4_tail_names(self):
+        model = models.ENLCN(
+            scale=4, num_resblocks=2, features=8, attention_every=2,
+            attention_block=functools.partial(attention.ENLCA, num_features=16),
+        )  # fmt: skip
+        variables = models.init_variables(model, jax.random.key(0))
+        state = to_state_dict(variables, model)
+        config, converted = convert.convert_state_dict(state)
+        assert config["scale"] == 4
+        x = jnp.asarray(np.random.default_rng(1).random((1, 6, 7, 3)), jnp.float32)
+        np.testing.assert_allclose(
+            models.model_from_config(config).apply(converted, x), model.apply(variables, x), atol=1e-6
+        )
+
+    def test_pt_without_torch(self, tmp_path, monkeypatch):
+        path = tmp_path / "ENLCAx4.pt"
+        path.write_bytes(b"not really")
+        monkeypatch.setitem(sys.modules, "torch", None)
+        with pytest.raises(ImportError, match="pip install torch"):
+            convert.load_state_dict(path)
+
+    def test_bad_files(self, tmp_path):
+        with pytest.raises(FileNotFoundError):
+            convert.load_state_dict(tmp_path / "missing.npz")
+        np.savez(tmp_path / "other.npz", weight=np.zeros(3))
+        with pytest.raises(ValueError, match="head.0.weight"):
+            convert.convert_state_dict(convert.load_state_dict(tmp_path / "other.npz"))
+        with pytest.raises(FileNotFoundError, match="not a model checkpoint"):
+            checkpointing.load_model(tmp_path)
+
+
+def to_state_dict(variables, model):
+    """Our variables under the authors' state_dict names (inverse of the converter, for tests)."""
+    p = variables["params"]
+    state = {}
+
+    def put(name, conv):
+        state[f"{name}.weight"] = np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)
+        state[f"{name}.bias"] = np.asarray(conv["bias"])
+
+    put("head.0", p["head"])
+    for index, (kind, j) in enumerate(model.layout):
+        if kind == "attention":
+            put(f"body.{index}.conv_match1.0", p[f"attention_{j}"]["query"])
+            put(f"body.{index}.conv_match2.0", p[f"attention_{j}"]["key"])
+            put(f"body.{index}.conv_assembly.0", p[f"attention_{j}"]["value"])
+            state[f"body.{index}.attn_fn.projection_matrix"] = np.asarray(
+                variables["random_features"][f"attention_{j}"]["projection"]
+            )
+        else:
+            put(f"body.{index}.body.0", p[f"resblocks_{j}"]["conv1"])
+            put(f"body.{index}.body.2", p[f"resblocks_{j}"]["conv2"])
+    put(f"body.{len(model.layout)}", p["body_conv"])
+    for s in range(len(models.upsampler_factors(model.scale))):
+        put(f"tail.0.{2 * s}", p["upsampler"][f"conv_{s}"])
+    put("tail.1", p["tail"])
+    return state

@@ -1,0 +1,100 @@
+"""enlca_jax.inference: tiled (global attention), padded, self-ensemble and chop prediction."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from enlca_jax import inference, models
+
+
+class TestInference:
+    def setup_method(self):
+        self.model = models.ENLCN_TINY(scale=2)
+        self.variables = models.init_variables(self.model, jax.random.key(0))
+        self.x = np.random.default_rng(0).random((2, 19, 22, 3)).astype(np.float32)
+
+    def test_tiled_equals_untiled(self):
+        full = inference.predict(self.model, self.variables, self.x)
+        tiled = inference.predict(self.model, self.variables, self.x, tile_size=8)  # 3 × 3 tiles
+        np.testing.assert_allclose(tiled, full, atol=2e-6)
+
+    def test_tiled_x4_single_image(self):
+        model = models.ENLCN_TINY(scale=4)
+        variables = models.init_variables(model, jax.random.key(1))
+        full = inference.predict(model, variables, self.x[0])
+        np.testing.assert_allclose(inference.predict_tiled(model, variables, self.x[0], 10), full, atol=2e-6)
+
+    def test_self_ensemble_is_equivariant(self):
+        # The ×8 average is exactly equivariant to flips/rotations, whatever the network.
+        x = self.x[:1, :16, :16]
+        out = inference.predict(self.model, self.variables, x, self_ensemble=True)
+        for index in (1, 4, 6):
+            moved = np.asarray(inference.dihedral(jnp.asarray(x), index))
+            np.testing.assert_allclose(
+                inference.predict(self.model, self.variables, moved, self_ensemble=True),
+                np.asarray(inference.dihedral(jnp.asarray(out), index)),
+                atol=2e-6,
+            )
+        symmetric = (x + x.transpose(0, 2, 1, 3)) / 2
+        sym_out = inference.predict(self.model, self.variables, symmetric, self_ensemble=True)
+        np.testing.assert_allclose(sym_out, sym_out.transpose(0, 2, 1, 3), atol=2e-6)
+
+    def test_dihedral_inverse(self):
+        x = jnp.asarray(self.x[:, :5, :7])
+        for index in range(8):
+            np.testing.assert_array_equal(inference.dihedral(inference.dihedral(x, index), index, True), x)
+
+    def test_chop_reassembles(self):
+        # Without attention and with a receptive field inside the shave, chop equals untiled.
+        model = models.ENLCN_TINY(scale=3, attention_block=None)
+        variables = models.init_variables(model, jax.random.key(0))
+        x = np.random.default_rng(2).random((1, 41, 53, 3)).astype(np.float32)
+        full = inference.predict(model, variables, x)
+        np.testing.assert_allclose(inference.predict(model, variables, x, chop=True), full, atol=1e-6)
+        recursive = inference.predict_chop_batch(
+            model, variables, jnp.asarray(x), min_size=1000
+        )  # one level of recursion
+        np.testing.assert_allclose(recursive, full, atol=1e-6)
+
+    def test_padding_with_mask_equals_unpadded(self):
+        for scale in (2, 4):
+            model = models.ENLCN_TINY(scale=scale)
+            variables = models.init_variables(model, jax.random.key(scale))
+            x = self.x[:, :13, :17]
+            full = inference.predict(model, variables, x)
+            padded = inference.predict(model, variables, x, pad_multiple=8)  # 13×17 → 16×24
+            np.testing.assert_allclose(padded, full, atol=2e-6)
+        assert inference.bucket_shape(13, 17, 8) == (16, 24)
+
+    def test_chop_changes_attention(self):
+        x = np.random.default_rng(3).random((1, 40, 48, 3)).astype(np.float32)
+        full = inference.predict(self.model, self.variables, x)
+        chopped = inference.predict(self.model, self.variables, x, chop=True)
+        assert chopped.shape == full.shape and not np.allclose(chopped, full, atol=1e-6)
+
+    @pytest.mark.parametrize(
+        "images,match",
+        [
+            (np.zeros((4, 4)), "shape"),
+            (np.zeros((1, 2, 4, 4, 3)), "shape"),
+            (np.zeros((4, 4, 1)), "colour channels"),
+            (np.zeros((0, 4, 3)), "empty"),
+            (np.full((4, 4, 3), np.nan), "NaN"),
+            (np.array([[["a", "b", "c"]]]), "real numbers"),
+        ],
+    )
+    def test_bad_input(self, images, match):
+        with pytest.raises(ValueError, match=match):
+            inference.predict(self.model, self.variables, images)
+
+    def test_bad_options(self):
+        with pytest.raises(ValueError, match="tile_size"):
+            inference.predict(self.model, self.variables, self.x, tile_size=0)
+        with pytest.raises(ValueError, match="choose one of"):
+            inference.predict(self.model, self.variables, self.x, tile_size=8, chop=True)
+        nla = models.ENLCN_TINY(scale=2, attention_block=functools.partial(models.NLA_BLOCK, num_features=32))
+        with pytest.raises(ValueError, match="NLA"):
+            inference.predict(nla, self.variables, self.x, tile_size=8)

@@ -1,0 +1,152 @@
+"""enlca_jax.train_lib: a run's outputs, exact resume (also after kill -9, on other device counts),
+SIGTERM, non-finite stops, missing data."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import read_tensorboard
+from PIL import Image
+
+from configs import tiny
+from enlca_jax import checkpointing, cpu, datasets, train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The embedded default dataset, prepared once for the module."""
+    directory = tmp_path_factory.mktemp("tfds")
+    datasets.prepare("sr_skimage", directory)
+    return directory
+
+
+def tiny_config(data_dir, **overrides):
+    config = tiny.get_config()
+    config.data.data_dir = str(data_dir)
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def train(config, workdir):
+    """`train_lib.train_and_evaluate` as train.py runs it on the CPU (with `enlca_jax.cpu.setup`'s
+    convolutions), so that in-process runs and train.py subprocesses round alike."""
+    return train_lib.train_and_evaluate(config, workdir, conv_general_dilated=cpu.setup())
+
+
+def losses(workdir):
+    by_step = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            by_step[record["step"]] = record["loss"]
+    return by_step
+
+
+def run_train_py(workdir, data_dir, devices, *flags):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--workdir={workdir}",
+               f"--config.data.data_dir={data_dir}", *flags]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(workdir, step, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early:\n{process.stdout.read()}")
+        if max(losses(workdir), default=0) >= step if (pathlib.Path(workdir) / "metrics.jsonl").exists() else False:
+            return
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("training did not reach the step in time")
+
+
+class TestTrainAndEvaluate:
+    def test_run_outputs_and_exact_resume(self, data_dir, tmp_path):
+        full = tmp_path / "full"
+        result = train(tiny_config(data_dir), full)
+        assert result["step"] == 6 and np.isfinite(result["psnr"]) and result["bicubic_psnr"] > 20
+        reference = losses(full)
+        assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+        saved = json.loads((full / "config.json").read_text())
+        assert saved["config"]["batch_size"] == 4 and saved["parameters"] > 0
+        (sample,) = (full / "samples").rglob("*.png")  # LR bicubic | SR | HR, 4 px apart
+        image = np.asarray(Image.open(sample))
+        width = (image.shape[1] - 8) // 3
+        assert sample.parent.name == "00000006" and image.shape[1] == 3 * width + 8
+        assert (image[:, width : width + 4] == 255).all() and (image[:, 2 * width + 4 : 2 * width + 8] == 255).all()
+        assert sorted(finished_checkpoints(full)) == [2, 4, 6]
+        events = read_tensorboard(full / "tb")
+        assert {"loss", "grad_norm", "param_norm", "val_psnr"} <= {tag for _, tag, kind in events if kind == "scalar"}
+        assert [(step, kind) for step, tag, kind in events if tag.startswith("samples/")] == [(6, "image")]
+        # Stop after 3 steps, resume to 6: the same losses (contrastive starts at 2, redraw at 3).
+        part = tmp_path / "part"
+        train(tiny_config(data_dir, num_train_steps=3), part)
+        train(tiny_config(data_dir), part)
+        assert losses(part) == reference
+        model, variables, step = checkpointing.restore_model(part, "best")
+        assert step == 6 and "random_features" in variables
+
+    def test_kill_minus_9_then_resume_on_other_device_counts(self, data_dir, tmp_path):
+        n = 14
+        reference = tmp_path / "reference"
+        train(tiny_config(data_dir, num_train_steps=n, eval_every=100), reference)
+        expected = losses(reference)
+
+        killed = tmp_path / "killed"
+        flags = [f"--config.num_train_steps={n + 100}", "--config.eval_every=1000", "--config.checkpoint_every=4"]
+        process = run_train_py(killed, data_dir, 4, *flags)
+        wait_for_step(killed, 6, process)
+        deadline = time.time() + 120  # the async save of step 4 (or 8) has been committed
+        while not finished_checkpoints(killed) and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        last_checkpoint = max(finished_checkpoints(killed))
+        assert last_checkpoint in (4, 8)
+        # Resume in this process (4 devices): exactly the uninterrupted losses.
+        train(tiny_config(data_dir, num_train_steps=10, eval_every=100), killed)
+        got = losses(killed)
+        assert {s: got[s] for s in range(1, 11)} == {s: expected[s] for s in range(1, 11)}
+        # Resume on 1 device; then SIGTERM stops it cleanly with a checkpoint of the step reached.
+        process = run_train_py(killed, data_dir, 1, *flags)
+        wait_for_step(killed, 12, process)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode == 0, output
+        assert "SIGTERM received" in output
+        got = losses(killed)
+        for s in range(11, 13):
+            assert got[s] == pytest.approx(expected[s], rel=1e-4)  # other device count: rounding only
+        assert max(finished_checkpoints(killed)) == max(got)
+
+    def test_non_finite_stops_before_saving(self, data_dir, tmp_path):
+        config = tiny_config(data_dir, learning_rate=float("nan"), checkpoint_every=1)
+        with pytest.raises(train_lib.NonFiniteError, match="non-finite .* at step 0"):
+            train(config, tmp_path)
+        assert not finished_checkpoints(tmp_path)
+
+    def test_missing_dataset(self, tmp_path):
+        config = tiny_config(tmp_path)
+        config.data.train = "sr_div2k"
+        with pytest.raises(FileNotFoundError, match="python -m enlca_jax.datasets"):
+            train(config, tmp_path / "w")
+
+
+def finished_checkpoints(workdir):
+    """Steps of committed checkpoints (orbax renames a step's folder to its number when complete)."""
+    folder = pathlib.Path(workdir) / "checkpoints"
+    return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
