@@ -10,9 +10,11 @@
         --plot attention_h100.png                                     # plot a run's JSON again
 
 For N = s² (s in --sizes), embedding 64, value width 256, m = 128 and --batch images, it times the
-forward and forward+backward of `efficient_attention` and `softmax_attention` (exact attention is
-skipped where its N×N scores would not fit in --max_exact_gib), and of a whole ENLCA block (256
-channels) in training mode with and without the contrastive term. ENLA's forward+backward is also
+forward and forward+backward of `efficient_attention`, of exact attention `softmax_attention` (in
+blocks, every N) and of its dense N×N form (where the scores fit in --max_exact_gib; speed-ups are
+reported against both), and of a whole ENLCA block (256
+channels) in training mode without and with the contrastive term (once per --contrastive_methods,
+`enlca_jax.contrastive`). ENLA's forward+backward is also
 timed --loop times over inside one call (per repetition), as it runs inside a model's step (ENLCN's
 5 blocks share one allocation per step): a standalone call allocates its buffers afresh each time,
 and on the CPU glibc gives XLA's worker threads blocks above 64 MiB as fresh mappings, which the
@@ -29,6 +31,7 @@ CPU, 8192² on an accelerator).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -43,11 +46,16 @@ import psutil
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from enlca_jax import attention, cpu  # noqa: E402
+from enlca_jax import attention, cpu, exact_attention  # noqa: E402
 from enlca_jax.cpu import host_memory  # noqa: E402
 
 #: The case name of ENLA fwd+bwd timed inside a loop in one call (`in_one_call`).
 LOOPED = "ENLA fwd+bwd, looped in one call"
+
+
+def _dense(fn):
+    """``fn(q, k, v)`` with the calling convention of the attention functions (F ignored)."""
+    return lambda q, k, v, f=None: fn(q, k, v)
 
 
 def _loss(fn):
@@ -104,7 +112,7 @@ def measure(name, fn, args, repeats, min_seconds, flops_fn=None, repetitions=1, 
     }  # fmt: skip
 
 
-def block_case(size, batch, contrastive, repeats, min_seconds, conv_general_dilated=None):
+def block_case(size, batch, contrastive, repeats, min_seconds, conv_general_dilated=None, method="select"):
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 256))
     variables = attention.ENLCA().init(jax.random.key(1), x)
 
@@ -116,10 +124,10 @@ def block_case(size, batch, contrastive, repeats, min_seconds, conv_general_dila
 
         return jax.grad(loss)
 
-    name = f"ENLCA block fwd+bwd{' + contrastive' if contrastive else ''}"
+    name = f"ENLCA block fwd+bwd{f' + contrastive ({method})' if contrastive else ''}"
     # FLOPs counted with XLA's own convolutions: chunked ones are loops (common.counted_flops).
     flops_fn = loss_of(attention.ENLCA())
-    block = attention.ENLCA(conv_general_dilated=conv_general_dilated)
+    block = attention.ENLCA(conv_general_dilated=conv_general_dilated, contrastive_method=method)
     return measure(name, loss_of(block), (variables["params"], x), repeats, min_seconds, flops_fn=flops_fn)
 
 
@@ -141,8 +149,14 @@ def main(argv=None, conv_general_dilated=None) -> int:
         help=f"also time ENLA fwd+bwd run this many times inside one call ('{LOOPED}', per repetition), as in a "
         "train step of ENLCN, whose 5 ENLCA blocks share the step's buffers, allocated once per step; 0 or 1: skip",
     )
-    parser.add_argument("--max_exact_gib", type=float, default=6.0, help="skip exact attention above this")
+    parser.add_argument(
+        "--max_exact_gib", type=float, default=6.0, help="skip the dense form of exact attention above this"
+    )
     parser.add_argument("--max_contrastive_n", type=int, default=96**2, help="skip the contrastive term above N")
+    parser.add_argument(
+        "--contrastive_methods", default="select,top_k", help="time the block + contrastive term with each method"
+    )
+    parser.add_argument("--blocks_only", action="store_true", help="time only the ENLCA block rows")
     parser.add_argument(
         "--single_arena",
         action="store_true",
@@ -171,14 +185,24 @@ def main(argv=None, conv_general_dilated=None) -> int:
         k = attention.l2_normalize(jax.random.normal(keys[1], (args.batch, n, 64))) * math.sqrt(6)
         v = jax.random.normal(keys[2], (args.batch, n, 256))
         f = attention.orthogonal_random_matrix(keys[3], 128, 64)
-        cases = [("ENLA fwd", attention.efficient_attention),
-                 ("ENLA fwd+bwd", jax.grad(_loss(attention.efficient_attention), argnums=(0, 1, 2)))]  # fmt: skip
-        exact_gib = 3 * args.batch * n * n * 4 / 2**30  # scores, softmax and their gradient
-        if exact_gib <= args.max_exact_gib:
-            cases += [("exact fwd", attention.softmax_attention),
-                      ("exact fwd+bwd", jax.grad(_loss(attention.softmax_attention), argnums=(0, 1, 2)))]  # fmt: skip
-        for name, fn in cases:
-            row = measure(name, fn, (q, k, v, f), args.repeats, args.min_seconds)
+        grad = functools.partial(jax.grad, argnums=(0, 1, 2))
+        dense = exact_attention.dense_softmax_attention
+        # (name, function, loop-free twin that XLA counts the FLOPs of, or None: the function itself)
+        cases = [("ENLA fwd", attention.efficient_attention, None),
+                 ("ENLA fwd+bwd", grad(_loss(attention.efficient_attention)), None),
+                 # Exact attention in blocks (any N), rated on the dense form's FLOPs: the useful
+                 # work (its backward recomputes the score blocks, twice the dense form's FLOPs).
+                 ("exact fwd", attention.softmax_attention, _dense(dense)),
+                 ("exact fwd+bwd", grad(_loss(attention.softmax_attention)), grad(_loss(_dense(dense))))]  # fmt: skip
+        if 3 * args.batch * n * n * 4 / 2**30 <= args.max_exact_gib:  # scores, softmax and their gradient
+            cases += [("exact dense fwd", _dense(dense), None),
+                      ("exact dense fwd+bwd", grad(_loss(_dense(dense))), None)]  # fmt: skip
+        if args.blocks_only:
+            cases = []
+        for name, fn, flops_fn in cases:
+            # One timed call where a call takes minutes (exact attention at large N).
+            repeats = 1 if name.startswith("exact") and n > 96**2 else args.repeats
+            row = measure(name, fn, (q, k, v, f), repeats, args.min_seconds, flops_fn=flops_fn)
             rows.append({"n": n, "side": size, **row})
             print(rows[-1], flush=True)
             if name == "ENLA fwd+bwd" and args.loop > 1:
@@ -188,10 +212,10 @@ def main(argv=None, conv_general_dilated=None) -> int:
                 row = measure(LOOPED, looped, (q, k, v, f), args.repeats, args.min_seconds, None, args.loop, flops)
                 rows.append({"n": n, "side": size, **row})
                 print(rows[-1], flush=True)
-        for contrastive in (False, True):
-            if contrastive and n > args.max_contrastive_n:
-                continue
-            case = block_case(size, args.batch, contrastive, args.repeats, args.min_seconds, conv)
+        methods = [None] + ([] if n > args.max_contrastive_n else args.contrastive_methods.split(","))
+        for method in methods:
+            case = block_case(size, args.batch, method is not None, args.repeats, args.min_seconds, conv,
+                              method or "select")  # fmt: skip
             rows.append({"n": n, "side": size, **case})
             print(rows[-1], flush=True)
     # Ratios for the attention functions; the blocks' 1×1 convs and contrastive term are not ENLA.
@@ -209,13 +233,14 @@ def main(argv=None, conv_general_dilated=None) -> int:
     ratios = {}
     for n in sorted({r["n"] for r in rows}):
         by = {r["case"]: r for r in rows if r["n"] == n}
-        if "exact fwd+bwd" in by:
-            ratios[n] = {
-                "speedup_fwd_bwd": by["exact fwd+bwd"]["seconds"] / by["ENLA fwd+bwd"]["seconds"],
-                "memory_ratio_fwd_bwd": by["exact fwd+bwd"]["xla_mib"] / by["ENLA fwd+bwd"]["xla_mib"],
-            }
-            print(f"N = {n}: ENLA fwd+bwd {ratios[n]['speedup_fwd_bwd']:.1f}× faster, "
-                  f"{ratios[n]['memory_ratio_fwd_bwd']:.1f}× less memory than exact attention")  # fmt: skip
+        for exact, key in (("exact fwd+bwd", ""), ("exact dense fwd+bwd", "_dense")):
+            if exact in by and "ENLA fwd+bwd" in by:
+                ratios.setdefault(n, {}).update({
+                    f"speedup_fwd_bwd{key}": by[exact]["seconds"] / by["ENLA fwd+bwd"]["seconds"],
+                    f"memory_ratio_fwd_bwd{key}": by[exact]["xla_mib"] / by["ENLA fwd+bwd"]["xla_mib"],
+                })  # fmt: skip
+                print(f"N = {n}: ENLA fwd+bwd {ratios[n][f'speedup_fwd_bwd{key}']:.1f}× faster, "
+                      f"{ratios[n][f'memory_ratio_fwd_bwd{key}']:.1f}× less memory than {exact[:-8]}")  # fmt: skip
         if LOOPED in by and by[LOOPED].get("of_matmul") and by["ENLA fwd+bwd"].get("of_matmul"):
             alone, looped = by["ENLA fwd+bwd"], by[LOOPED]
             print(f"N = {n}: ENLA fwd+bwd at {alone['of_matmul']:.1%} of matmul per standalone call "
@@ -238,7 +263,9 @@ def plot(payload, path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for case in ("ENLA fwd+bwd", LOOPED, "exact fwd+bwd", "ENLCA block fwd+bwd", "ENLCA block fwd+bwd + contrastive"):
+    cases = ["ENLA fwd+bwd", LOOPED, "exact fwd+bwd", "exact dense fwd+bwd", "ENLCA block fwd+bwd"]
+    cases += sorted({r["case"] for r in payload["rows"] if r["case"].startswith("ENLCA block fwd+bwd + ")})
+    for case in cases:
         points = [r for r in payload["rows"] if r["case"] == case]
         if points:
             left.loglog([p["n"] for p in points], [p["seconds"] for p in points], "o-", label=case)

@@ -5,10 +5,13 @@
 #   benchmarks/run_accelerator.sh benchmarks/results h100          # all steps
 #   benchmarks/run_accelerator.sh /tmp/out h200 attention inference
 #
-# STEP: attention, inference, train_step, demo (default: all, in that order). Each runs with the
+# STEP: attention, contrastive, inference, train_step, demo (default: all, in that order). Each runs with the
 # `python3` on the PATH (or $PYTHON), under its own time limit (seconds: $ATTENTION_S,
-# $INFERENCE_S, $TRAIN_STEP_S, $DEMO_S), so that one that hangs or fails leaves the others their
+# $CONTRASTIVE_S, $INFERENCE_S, $TRAIN_STEP_S, $DEMO_S), so that one that hangs or fails leaves the others their
 # time; a step's JSON is written only when it finishes. Writes OUTDIR/attention_TAG.json and .png,
+# contrastive_TAG.json (the term alone, 'select' and 'top_k', 16x48² and 4x96², authors' and paper's
+# counts), contrastive_blocks_48_TAG.json and _96_ (the ENLCA block with and without the term, both
+# methods, 16x48² and 4x96²),
 # inference_TAG.json (LR 128², 256², 512², untiled and tiled), inference_1024_TAG.json (untiled),
 # train_step_TAG.json, and everything printed to OUTDIR/run_TAG.log. `demo` runs the README's
 # main job (configs/demo.py) into $DEMO_WORKDIR (default runs/demo_TAG) and prints its validation
@@ -21,12 +24,12 @@ set -u
 out=${1:?usage: benchmarks/run_accelerator.sh OUTDIR TAG [STEP...]}
 tag=${2:?usage: benchmarks/run_accelerator.sh OUTDIR TAG [STEP...]}
 shift 2
-steps=${*:-attention inference train_step demo}
+steps=${*:-attention contrastive inference train_step demo}
 py=${PYTHON:-python3}
 for step in $steps; do
   case $step in
-    attention | inference | train_step | demo) ;;
-    *) echo "unknown step '$step': choose from attention, inference, train_step, demo" >&2; exit 2 ;;
+    attention | contrastive | inference | train_step | demo) ;;
+    *) echo "unknown step '$step': choose from attention, contrastive, inference, train_step, demo" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1  # absolute: the steps run from the repo root
@@ -71,6 +74,13 @@ for step in $steps; do
     attention)
       run "${ATTENTION_S:-240}" "$py" benchmarks/attention.py --sizes "${ATTENTION_SIZES:-32,48,64,96,128,192}" \
         --min_seconds 1 --max_exact_gib 20 --json "$out/attention_$tag.json" --plot "$out/attention_$tag.png" ;;
+    contrastive)
+      run "${CONTRASTIVE_S:-240}" "$py" benchmarks/contrastive.py --cases 16x48,4x96 --paper --min_seconds 1 \
+        --json "$out/contrastive_$tag.json"
+      run "${CONTRASTIVE_S:-240}" "$py" benchmarks/attention.py --blocks_only --sizes 48 --batch 16 --min_seconds 1 \
+        --json "$out/contrastive_blocks_48_$tag.json"
+      run "${CONTRASTIVE_S:-240}" "$py" benchmarks/attention.py --blocks_only --sizes 96 --batch 4 --min_seconds 1 \
+        --json "$out/contrastive_blocks_96_$tag.json" ;;
     inference)
       run "${INFERENCE_S:-240}" "$py" benchmarks/inference.py --sizes "${INFERENCE_SIZES:-128,256,512}" \
         --repeats 5 --json "$out/inference_$tag.json"

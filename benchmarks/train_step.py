@@ -68,12 +68,16 @@ def main(argv=None, conv_general_dilated=None) -> int:
     parser.add_argument("--patch", type=int, default=48, help="LR patch size (authors: 48)")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per case (median)")
     parser.add_argument("--no-breakdown", action="store_true", help="time only the full step")
+    parser.add_argument(
+        "--contrastive_method", default="select", choices=("select", "top_k"), help="config.contrastive.method"
+    )
     common.add_conv_flags(parser)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
     config = enlca_x4.get_config()
     config.data.patch_size = args.patch
+    config.contrastive.method = args.contrastive_method
     conv = common.model_conv(args, conv_general_dilated)
     batch = synthetic_batch(args.batch, args.patch, config.model.scale)
     matmul = common.matmul_gflops()
@@ -112,7 +116,7 @@ def main(argv=None, conv_general_dilated=None) -> int:
     print(f"peak RSS {common.peak_rss_gib():.2f} GiB")
     common.write_json(args.json, {
         "benchmark": "train_step", "machine": common.machine_info(), "batch": args.batch, "patch": args.patch,
-        "xla_convs": conv is None, "chunked": not args.unchunked,
+        "xla_convs": conv is None, "chunked": not args.unchunked, "contrastive_method": args.contrastive_method,
         "matmul_gflops_per_s": matmul, "matmul_before_gflops_per_s": matmul_before, "cases": rows,
         "breakdown_fraction": breakdown,
         "peak_rss_gib": common.peak_rss_gib(),

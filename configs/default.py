@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.contrastive.negative_start = 50  # first rank of the negatives
     config.contrastive.negative = 15  # number of negative ranks
     config.contrastive.margin = 1.0  # b
+    # How each row's rank windows are found: 'select' (exact order statistics and masked sums, no
+    # sort: enlca_jax.contrastive) or 'top_k' (lax.top_k of the window depth); the same loss.
+    config.contrastive.method = "select"
     # Paper variant: counts as fractions of H*W (n1 = 2 %, n2 = 8 %) instead of the fixed counts.
     config.contrastive.use_fractions = False
     config.contrastive.positive_fraction = 0.02

@@ -19,12 +19,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from enlca_jax import exact_attention
+from enlca_jax.contrastive import contrastive_counts, contrastive_loss
 
 Array = jax.Array
 Dtype = Any
@@ -37,6 +40,9 @@ __all__ = [
     "softmax_kernel_features",
     "key_summary",
     "attend_with_summary",
+    "KeySummary",
+    "KeySet",
+    "combine_summaries",
     "efficient_attention",
     "softmax_attention",
     "contrastive_counts",
@@ -409,131 +415,54 @@ def softmax_attention(
     *,
     mask: Array | None = None,
     precision: PrecisionLike = None,
+    block_size: int | tuple[int, int] | None = None,
     **unused_kwargs: Any,
 ) -> Array:
-    """Exact non-local attention ``softmax_j(q_i . k_j) v_j`` (NLA), O(N·L) memory.
+    """Exact non-local attention ``softmax_j(q_i . k_j) v_j`` (NLA) in bounded memory.
 
     Same calling convention as `efficient_attention` so either can be an ``attention_fn``;
-    ``projection`` and feature-map options are accepted and ignored.
+    ``projection`` and feature-map options are accepted and ignored. Queries and keys are taken
+    in blocks with an online softmax, so no N×L array is formed, forward or backward
+    (`enlca_jax.exact_attention`); time stays O(N·L).
 
     Args:
       q: [..., N, D]; k: [..., L, D]; v: [..., L, Cv].
       mask: optional [..., L] bool, False for padded keys.
+      block_size: ``(block_q, block_k)`` or one int; None chooses them from the shapes
+        (`exact_attention.block_sizes`).
 
     Returns:
       out: [..., N, Cv] in the dtype of ``v`` (computed in float32 or wider).
     """
     del projection, unused_kwargs
     _check_qkv(q, k, v, mask)
-    dtype = _feature_dtype(q)
-    logits = jnp.einsum("...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision)  # [..., N, L]
-    if mask is not None:
-        logits = jnp.where(mask[..., None, :], logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("...nl,...lc->...nc", weights, v.astype(dtype), precision=precision)
+    out = exact_attention.blocked_softmax_attention(q, k, v, mask=mask, precision=precision, block_size=block_size)
     return out.astype(v.dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# Contrastive sparse aggregation
-# --------------------------------------------------------------------------------------------
+class KeySummary(NamedTuple):
+    """What ENLA needs from a set of keys, additive over key sets: kv [B, M, Cv], k_sum [B, M]."""
+
+    kv: Array
+    k_sum: Array
 
 
-def contrastive_counts(
-    num_positions: int, positive_fraction: float = 0.02, negative_start_fraction: float = 0.08
-) -> tuple[int, int, int]:
-    """The paper's counts from fractions of N: top ``n1·N`` versus ``n1·N`` from rank ``n2·N``.
+class KeySet(NamedTuple):
+    """What exact attention needs from a set of keys: the keys themselves, k [B, L, D], v
+    [B, L, Cv], mask [B, L] (concatenated over key sets)."""
 
-    Args:
-      num_positions: N (key positions per query).
-      positive_fraction: n1 (paper: 2 %).
-      negative_start_fraction: n2 (paper: 8 %).
-
-    Returns:
-      ``(num_positive, negative_start, num_negative)`` as ints (floor, at least 1), e.g.
-      N = 2304 (48×48) gives (46, 184, 46).
-    """
-    if not 0 < positive_fraction < 1 or not 0 <= negative_start_fraction < 1:
-        raise ValueError(
-            f"fractions must lie in (0, 1): got positive {positive_fraction}, negative start {negative_start_fraction}."
-        )
-    count = max(1, int(math.floor(positive_fraction * num_positions)))
-    start = int(math.floor(negative_start_fraction * num_positions))
-    if start + count > num_positions:
-        raise ValueError(
-            f"N = {num_positions} positions is too few for fractions "
-            f"({positive_fraction}, {negative_start_fraction}): need start + count = "
-            f"{start + count} <= N."
-        )
-    return count, start, count
+    k: Array
+    v: Array
+    mask: Array
 
 
-def contrastive_loss(
-    q: Array,
-    k: Array,
-    *,
-    num_positive: int = 15,
-    negative_start: int = 50,
-    num_negative: int = 15,
-    margin: float = 1.0,
-    ratio_eps: float = 1e-6,
-    precision: PrecisionLike = None,
-) -> Array:
-    """The authors' contrastive sparse-aggregation loss, per example.
-
-    With ``T = q k^T`` (q, k already L2-normalised and scaled by sqrt(k), so
-    ``T_ij = k·cos(Q_i, K_j)``), for every query i the keys are ranked by ``T_ij``:
-    ``pos_i`` = mean of ``exp(T)`` over ranks ``[0, num_positive)``, ``neg_i`` = mean over ranks
-    ``[negative_start, negative_start + num_negative)``, and
-    ``loss_i = relu(margin - log(pos_i / (neg_i + ratio_eps)))``. The loss is the mean over i.
-
-    Defaults are the authors' current code (15, 50, 15, margin 1); `contrastive_counts` gives
-    the paper's n1 = 2 %, n2 = 8 % variant.
-
-    Memory: T itself is [..., N, L], quadratic in the number of positions; beyond it only
-    ``lax.top_k`` of size ``negative_start + num_negative`` per row is kept (O(N·(start +
-    count))), never a full sort (the backward pass adds one [..., N, L] gradient of T). The
-    quadratic T is acceptable because the loss is computed only in training, on patches
-    (LR 48×48: N = 2304, T is 21 MB per image in float32), never on whole images at test time.
-
-    Args:
-      q: [..., N, D] normalised, amplified queries.
-      k: [..., L, D] normalised, amplified keys.
-      num_positive, negative_start, num_negative: rank windows (ints, absolute counts).
-      margin: b (authors: 1).
-      ratio_eps: added to the negative mean (authors: 1e-6).
-
-    Returns:
-      loss: [...] per example (float32 or wider).
-    """
-    if q.ndim < 2 or k.ndim < 2 or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q [..., N, D] and k [..., L, D] disagree: q {q.shape}, k {k.shape}.")
-    counts = (num_positive, negative_start, num_negative)
-    if any(int(c) != c for c in counts) or num_positive <= 0 or num_negative <= 0 or negative_start < 0:
-        raise ValueError(
-            f"counts must be integers with num_positive > 0, num_negative > 0 and negative_start >= 0; got {counts}."
-        )
-    num_keys = k.shape[-2]
-    depth = max(num_positive, negative_start + num_negative)
-    if depth > num_keys:
-        raise ValueError(
-            f"contrastive windows need {depth} ranked keys but k has L = {num_keys} positions "
-            f"(k.shape = {k.shape}); use smaller counts or `contrastive_counts` fractions."
-        )
-    dtype = _feature_dtype(q)
-    # T: [..., N, L]
-    scores = jnp.einsum("...nd,...ld->...nl", q.astype(dtype), k.astype(dtype), precision=precision)
-    # Rank without gradient, then pick the ranked scores out of T: the gradient reaches T only at
-    # the selected entries, as through the authors' sort.
-    # (Taking the values of top_k and slicing them instead lets XLA:CPU rewrite top_k into a full
-    # sort of every row, 7x slower; an optimization_barrier against that deadlocked XLA:CPU in
-    # the full ENLCN step. Indices + take_along_axis are as fast as top_k alone.)
-    _, index = lax.top_k(lax.stop_gradient(scores), depth)  # [..., N, depth], descending
-    top = jnp.take_along_axis(scores, index, axis=-1)  # [..., N, depth]
-    positive = jnp.mean(jnp.exp(top[..., :num_positive]), axis=-1)  # [..., N]
-    negative = jnp.mean(jnp.exp(top[..., negative_start : negative_start + num_negative]), axis=-1)
-    per_query = jax.nn.relu(margin - jnp.log(positive / (negative + ratio_eps)))  # [..., N]
-    return jnp.mean(per_query, axis=-1)
+def combine_summaries(a: KeySummary | KeySet, b: KeySummary | KeySet) -> KeySummary | KeySet:
+    """The summary of the union of two disjoint key sets (tiles of one image)."""
+    if isinstance(a, KeySummary) and isinstance(b, KeySummary):
+        return KeySummary(a.kv + b.kv, a.k_sum + b.k_sum)
+    if isinstance(a, KeySet) and isinstance(b, KeySet):
+        return KeySet(*(jnp.concatenate([x, y], axis=1) for x, y in zip(a, b, strict=True)))
+    raise TypeError(f"cannot combine a {type(a).__name__} with a {type(b).__name__}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,6 +530,8 @@ class ENLCA(nn.Module):
     #: If set, (n1, n2) fractions of H·W override the three counts above (paper: (0.02, 0.08)).
     contrastive_fractions: tuple[float, float] | None = None
     contrastive_margin: float = 1.0
+    #: How the ranked windows are found: 'select' (exact order statistics, no sort) or 'top_k'.
+    contrastive_method: str = "select"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
@@ -682,6 +613,7 @@ class ENLCA(nn.Module):
             num_negative=counts[2],
             margin=self.contrastive_margin,
             precision=self.precision,
+            method=self.contrastive_method,
         )
 
     def __call__(self, x: Array, *, train: bool = False, mask: Array | None = None) -> Array:
@@ -707,20 +639,32 @@ class ENLCA(nn.Module):
         out = out.reshape(x.shape[:3] + (v.shape[-1],)).astype(v.dtype)
         return x.astype(v.dtype) + self.res_scale * out
 
-    def summarize(self, x: Array, mask: Array | None = None) -> tuple[Array, Array]:
-        """The key summary (kv [B, M, C], k_sum [B, M]) of this block's input x: [B, H, W, C].
+    def summarize(self, x: Array, mask: Array | None = None) -> KeySummary | KeySet:
+        """What this block's attention needs from the keys of x: [B, H, W, C] (mask [B, H, W]).
 
-        Summaries of tiles of one image add up to the summary of the whole image; see
-        `apply_with_summary`. Only valid with the default ENLA ``attention_fn``.
+        For ENLA a `KeySummary` (the sums φ(K)ᵀV and φ(K)ᵀ1), for exact attention a `KeySet`
+        (the keys and values). Summaries of the tiles of one image combine
+        (`combine_summaries`) into that of the whole image, so `apply_with_summary` on every
+        tile gives global attention exactly.
         """
         _, k, v, projection = self.embed(x)
-        key_mask = None if mask is None else mask.reshape(mask.shape[0], -1)
-        return key_summary(k, v, projection, mask=key_mask, precision=self.precision)
+        key_mask = jnp.ones(k.shape[:2], bool) if mask is None else mask.reshape(mask.shape[0], -1)
+        if self.attention_fn is efficient_attention:
+            return KeySummary(*key_summary(k, v, projection, mask=key_mask, precision=self.precision))
+        if self.attention_fn is softmax_attention:
+            return KeySet(k, v.astype(k.dtype), key_mask)
+        raise ValueError(
+            "summaries (tiled global attention) exist for attention_fn = efficient_attention (ENLA) or "
+            f"softmax_attention (exact NLA), not {self.attention_fn!r}."
+        )
 
-    def apply_with_summary(self, x: Array, summary: tuple[Array, Array]) -> Array:
-        """The block's output on x: [B, H, W, C] attending to keys given by ``summary``."""
+    def apply_with_summary(self, x: Array, summary: KeySummary | KeySet) -> Array:
+        """The block's output on x: [B, H, W, C] attending to the keys given by ``summary``."""
         q, _, v, projection = self.embed(x)
-        out = attend_with_summary(q, summary, projection, precision=self.precision)
+        if isinstance(summary, KeySet):
+            out = softmax_attention(q, summary.k, summary.v, mask=summary.mask, precision=self.precision)
+        else:
+            out = attend_with_summary(q, tuple(summary), projection, precision=self.precision)
         out = out.reshape(x.shape[:3] + (v.shape[-1],)).astype(v.dtype)
         return x.astype(v.dtype) + self.res_scale * out
 

@@ -32,6 +32,7 @@ def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         contrastive_negative_start=c.negative_start,
         contrastive_negative=c.negative,
         contrastive_margin=c.margin,
+        contrastive_method=c.method,
     )
     if c.use_fractions:
         fields["contrastive_fractions"] = (c.positive_fraction, c.negative_start_fraction)

@@ -4,7 +4,8 @@ All functions take LR images in [0, rgb_range] as [H, W, C] or [B, H, W, C] (any
 return float32 SR images [..., s·H, s·W, C] (not clipped or quantised; evaluation does that).
 
 Tiled inference (`predict_tiled`) keeps the attention global: ENLA's key sums ``φ(K)ᵀV`` and
-``φ(K)ᵀ1`` are accumulated over all tiles of an image and shared by every tile, and the
+``φ(K)ᵀ1`` are accumulated over all tiles of an image and shared by every tile (exact NLA: every
+tile's queries attend to the keys and values of all tiles, held for the whole image), and the
 convolutions between attention blocks are run tile by tile with halos wide enough that the
 result equals untiled inference up to float rounding. The authors' ``--chop`` (`predict_chop`)
 instead runs each quadrant as a separate image, so its attention is global only per quadrant.
@@ -195,13 +196,18 @@ def predict_tiled_batch(model: models.ENLCN, variables: Any, x: Array, *, tile_s
     """Tiled inference with global attention on a batch [B, H, W, C] → [B, sH, sW, C].
 
     Memory: the full LR-resolution trunk (two [B, H, W, features] float32 arrays, on the host) plus
-    one tile's activations, instead of every layer's activations of the whole image.
+    one tile's activations, instead of every layer's activations of the whole image; with exact
+    NLA also one block's keys and values of the whole image ([B, H·W, features·5/4]), which every
+    tile attends to (so tiled NLA is exact global attention too).
     """
     if int(tile_size) != tile_size or tile_size < 1:
         raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}.")
     block = model.block()
-    if block is not None and block.attention_fn is not attention.efficient_attention:
-        raise ValueError("tiled inference needs ENLA (or no attention): exact NLA has no additive key summary.")
+    if block is not None and block.attention_fn not in (attention.efficient_attention, attention.softmax_attention):
+        raise ValueError(
+            "tiled inference needs ENLA or exact NLA in the attention blocks (their key summaries combine over "
+            f"tiles), not {block.attention_fn!r}."
+        )
     fns = _stage_fns(model)
     x = np.asarray(x, np.float32)
     batch, height, width, _ = x.shape
@@ -229,10 +235,10 @@ def predict_tiled_batch(model: models.ENLCN, variables: Any, x: Array, *, tile_s
                 trunk, 2 * (stop - start), lambda t, a=start, b=stop: fns["resblocks"](variables, t, a, b)
             )
             continue
-        summary = None  # attention: pointwise convs, key sums added over all tiles
+        summary = None  # attention: pointwise convs; every tile attends to the keys of all tiles
         for rows, cols in tiles:
             part = fns["summarize"](variables, jnp.asarray(trunk[:, rows, cols]), start)
-            summary = part if summary is None else jax.tree_util.tree_map(jnp.add, summary, part)
+            summary = part if summary is None else attention.combine_summaries(summary, part)
         trunk = conv_stage(trunk, 0, lambda t, s=summary, j=start: fns["attend"](variables, t, s, j))
     # Body conv, then per upsampler stage one conv, then the tail conv: each needs 1 LR pixel.
     halo = 2 + len(models.upsampler_factors(model.scale))

@@ -358,6 +358,7 @@ BLOCK_FIELDS = {
     "contrastive_negative": "contrastive_negative",
     "contrastive_fractions": "contrastive_fractions",
     "contrastive_margin": "contrastive_margin",
+    "contrastive_method": "contrastive_method",
 }
 
 

@@ -466,65 +466,6 @@ class TestEfficientAttention:
 
 
 # ---------------------------------------------------------------------------------------------
-# Contrastive loss
-# ---------------------------------------------------------------------------------------------
-
-
-def dense_contrastive(q, k, p, s, c, margin=4.0):
-    """Reference: full descending sort of exp(T) per row, as the authors' code does."""
-    scores = jnp.sort(jnp.exp(jnp.einsum("...nd,...ld->...nl", q, k)), axis=-1)[..., ::-1]
-    pos = jnp.mean(scores[..., :p], -1)
-    neg = jnp.mean(scores[..., s : s + c], -1)
-    return jnp.mean(jax.nn.relu(margin - jnp.log(pos / (neg + 1e-6))), -1)
-
-
-class TestContrastiveLoss:
-    @pytest.mark.parametrize("counts", [(15, 50, 15), (5, 20, 10), (3, 0, 3)])
-    def test_matches_dense_sort(self, counts):
-        q, k, _ = _qkv(batch=(3,), n=70, l=80)
-        p, s, c = counts
-        # Margin 4: random 8-dim embeddings separate top and rank-50 keys by more than the
-        # authors' margin 1, which would clip every term to 0 and hide the gradients.
-        fn = jax.jit(
-            functools.partial(A.contrastive_loss, num_positive=p, negative_start=s, num_negative=c, margin=4.0)
-        )
-        ours = fn(q, k)
-        ref = dense_contrastive(q, k, p, s, c)
-        assert ours.shape == (3,)
-        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
-        assert float(jnp.max(ours)) > 0  # not clipped everywhere
-        g_ours = jax.grad(lambda q, k: jnp.sum(fn(q, k)), (0, 1))(q, k)
-        g_ref = jax.grad(lambda q, k: jnp.sum(dense_contrastive(q, k, p, s, c)), (0, 1))(q, k)
-        for a, b in zip(g_ours, g_ref):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-    def test_unbatched_and_vmap(self):
-        q, k, _ = _qkv(batch=(2,), n=70, l=70)
-        batched = A.contrastive_loss(q, k)
-        assert A.contrastive_loss(q[0], k[0]).shape == ()
-        np.testing.assert_allclose(jax.vmap(A.contrastive_loss)(q, k), batched, rtol=1e-6)
-
-    def test_fractions(self):
-        assert A.contrastive_counts(2304) == (46, 184, 46)
-        assert A.contrastive_counts(144) == (2, 11, 2)
-        with pytest.raises(ValueError, match="too few"):
-            A.contrastive_counts(10, 0.5, 0.8)
-        with pytest.raises(ValueError, match="fractions"):
-            A.contrastive_counts(100, 2.0)
-
-    def test_counts_larger_than_n(self):
-        q, k, _ = _qkv(n=40, l=40)
-        with pytest.raises(ValueError, match=r"65 ranked keys but k has L = 40"):
-            A.contrastive_loss(q, k)
-        with pytest.raises(ValueError, match="integers"):
-            A.contrastive_loss(q, k, num_positive=0)
-
-    def test_shape_mismatch(self):
-        with pytest.raises(ValueError, match="disagree"):
-            A.contrastive_loss(jnp.ones((2, 70, 8)), jnp.ones((2, 70, 4)))
-
-
-# ---------------------------------------------------------------------------------------------
 # ENLCA module
 # ---------------------------------------------------------------------------------------------
 

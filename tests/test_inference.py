@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from enlca_jax import inference, models
+from enlca_jax import attention, inference, models
 
 
 class TestInference:
@@ -95,6 +95,15 @@ class TestInference:
             inference.predict(self.model, self.variables, self.x, tile_size=0)
         with pytest.raises(ValueError, match="choose one of"):
             inference.predict(self.model, self.variables, self.x, tile_size=8, chop=True)
-        nla = models.ENLCN_TINY(scale=2, attention_block=functools.partial(models.NLA_BLOCK, num_features=32))
-        with pytest.raises(ValueError, match="NLA"):
-            inference.predict(nla, self.variables, self.x, tile_size=8)
+        custom = functools.partial(attention.ENLCA, num_features=32, attention_fn=lambda q, k, v, f, **kw: v)
+        with pytest.raises(ValueError, match="tiled inference needs ENLA or exact NLA"):
+            inference.predict(models.ENLCN_TINY(scale=2, attention_block=custom), self.variables, self.x, tile_size=8)
+
+    def test_tiled_nla_is_exact_global_attention(self):
+        # Every tile attends to the keys of all tiles: the same as untiled NLA, and not the same as
+        # ENLA with the same variables.
+        model = models.ENLCN_TINY(scale=2, attention_block=functools.partial(models.NLA_BLOCK, num_features=32))
+        full = inference.predict(model, self.variables, self.x)
+        np.testing.assert_allclose(inference.predict(model, self.variables, self.x, tile_size=8), full, atol=2e-6)
+        np.testing.assert_allclose(inference.predict(model, self.variables, self.x, pad_multiple=16), full, atol=2e-6)
+        assert not np.allclose(inference.predict(self.model, self.variables, self.x), full, atol=1e-4)
