@@ -29,11 +29,19 @@ PrecisionLike = Any
 BLOCK_ELEMENTS = 2**22
 
 
+def _even_split(total: int, most: int) -> int:
+    """The smallest block size ≤ ``most`` that cuts ``total`` into as few blocks as ``most`` does,
+    so that padding to a multiple of it wastes less than one row per block."""
+    count = -(-total // max(1, most))
+    return -(-total // count)
+
+
 def block_sizes(batch: int, num_queries: int, num_keys: int) -> tuple[int, int]:
     """(block_q, block_k) for ``batch`` examples of N queries and L keys: keys in blocks of up to
-    1024, queries in as many rows as keep a block of scores near `BLOCK_ELEMENTS`."""
-    block_k = min(num_keys, 1024)
-    block_q = max(1, min(num_queries, BLOCK_ELEMENTS // max(1, batch * block_k)))
+    1024, queries in as many rows as keep a block of scores near `BLOCK_ELEMENTS`, both as even
+    splits of N and L (2304 keys: 3 blocks of 768, not 3 of 1024 with 768 padded)."""
+    block_k = _even_split(num_keys, 1024)
+    block_q = _even_split(num_queries, max(1, BLOCK_ELEMENTS // max(1, batch * block_k)))
     return block_q, block_k
 
 

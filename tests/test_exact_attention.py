@@ -74,7 +74,9 @@ class TestProgram:
     def test_block_sizes_from_the_shapes(self):
         assert exact_attention.block_sizes(1, 100, 50) == (100, 50)
         assert exact_attention.block_sizes(4, 9216, 9216) == (1024, 1024)
-        assert exact_attention.block_sizes(16, 2304, 2304) == (256, 1024)
+        assert exact_attention.block_sizes(4, 2304, 2304) == (1152, 768)  # even splits: no padding
+        assert exact_attention.block_sizes(16, 2304, 2304) == (330, 768)  # 7 blocks of ≤ 341 rows
+        assert exact_attention.block_sizes(1, 34000, 34000) == (3778, 1000)
 
     def test_vmap_and_the_attention_entry_point(self):
         q, k, v = qkv("float32", batch=(3,))
