@@ -6,6 +6,9 @@
     python eval.py --workdir runs/enlca_x4 --input photos/ --output upscaled/
 
 Prints a table of Y-PSNR/SSIM per set and writes results.json and results.csv into --output.
+With --input, files that cannot be read are skipped with a message and the exit status is 1;
+a mistake in the flags stops it before any work with one line (exit 2; ENLCA_TRACEBACK=1 shows
+the traceback).
 Only parses flags and calls `enlca_jax.eval_lib`; runs in one process (multi-host evaluation is
 not supported). Where jax computes on the CPU it first applies `enlca_jax.cpu.setup` (XLA:CPU
 flags; on Linux with glibc one restart with malloc tunables that keep freed host memory for reuse,
@@ -20,6 +23,7 @@ if __name__ == "__main__":  # first: the imports below would otherwise run again
     CONV = cpu.setup(restart=True, single_arena=True)
 
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -78,13 +82,24 @@ def main(argv):
         conv_general_dilated=CONV,
     )
     try:
+        if options.checkpoint not in ("best", "latest") and not options.checkpoint.isdigit():
+            raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got {options.checkpoint!r}.")
+        if options.scale is not None and options.scale < 1:
+            raise ValueError(f"--scale must be a positive integer, got {options.scale}.")
         if FLAGS.input:
-            for path in eval_lib.run_upscale(options, FLAGS.input):
+            written, skipped = eval_lib.run_upscale(options, FLAGS.input)
+            for path in written:
                 print(f"wrote {path}")
+            if skipped:
+                print(f"error: {len(skipped)} of {len(written) + len(skipped)} images could not be read and were "
+                      "skipped (listed above).", file=sys.stderr)  # fmt: skip
+                return 1
         else:
             eval_lib.run_evaluation(options)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        if os.environ.get("ENLCA_TRACEBACK"):
+            raise
+        print(f"eval.py: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -178,8 +178,9 @@ def softmax_kernel_features(
         ``exp(-c) * phi(x)`` exactly. With ``'row'`` c is the max over M for each position
         (use for queries: a per-query factor cancels between numerator and denominator of
         the attention ratio); with ``'global'`` c is the max over N and M for each example
-        (use for keys: one factor for all keys cancels too). ``c`` is not differentiated
-        (it cancels, so gradients of the attention are unchanged).
+        (use for keys: one factor for all keys cancels too); c is at least log(eps), so that
+        ``eps·exp(-c)`` cannot overflow either. ``c`` is not differentiated (it cancels, so
+        gradients of the attention are unchanged).
       precision: precision of the F x contraction.
 
     Returns:
@@ -209,6 +210,10 @@ def _features_and_shift(
             shift = jnp.max(logits, axis=(-2, -1), keepdims=True)  # [..., 1, 1]
         else:
             raise ValueError(f"stabilizer must be None, 'row' or 'global', got {stabilizer!r}.")
+        if eps > 0:
+            # c ≥ log(eps) bounds eps·exp(-c) by 1: where every logit is very negative (large
+            # ‖x‖), the max alone would make eps·exp(-c) overflow.
+            shift = jnp.maximum(shift, math.log(eps))
         shift = lax.stop_gradient(shift)
         # exp(-c) * (exp(logits) + eps): the factor exp(-c) cancels in the attention ratio.
         features = jnp.exp(logits - shift) + eps * jnp.exp(-shift)
@@ -560,7 +565,7 @@ class ENLCA(nn.Module):
           x: [B, H, W, C].
 
         Returns:
-          q: [B, H·W, D], k: [B, H·W, D], v: [B, H·W, C] with D = C / reduction, and
+          q: [B, H·W, D], k: [B, H·W, D], v: [B, H·W, C] with D = ⌊C / reduction⌋, and
           F: [num_features, D] from the ``'random_features'`` collection.
         """
         if self.reduction <= 0 or self.amplification <= 0 or self.num_features <= 0:
@@ -571,10 +576,10 @@ class ENLCA(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"ENLCA expects NHWC input [B, H, W, C], got shape {x.shape}.")
         channels = x.shape[-1]
-        if channels % self.reduction:
-            raise ValueError(f"channels C = {channels} must divide by reduction = {self.reduction}.")
+        embed = channels // self.reduction  # floor, as the authors' channel // reduction
+        if embed < 1:
+            raise ValueError(f"channels C = {channels} must be at least reduction = {self.reduction}.")
         batch, height, width = x.shape[:3]
-        embed = channels // self.reduction
         q = self._conv(embed, "query")(x)
         k = self._conv(embed, "key")(x)
         v = self._conv(channels, "value")(x)

@@ -13,18 +13,24 @@ leaves a partial checkpoint that a restore would pick up.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from enlca_jax import attention, configuration, models
+
+log = logging.getLogger("enlca_jax.checkpointing")
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
@@ -34,7 +40,9 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp: its files are mode 0600 whatever the umask; this one gets 0666 minus the umask.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=True)
@@ -92,32 +100,98 @@ def load_model(directory: str | os.PathLike, **overrides: Any) -> tuple[models.E
     return model, variables
 
 
+def _path_name(path: tuple) -> str:
+    """``params/head/kernel`` for a pytree path, the same for a dataclass field and a dict key (a
+    state saved as a TrainState restores as nested dicts without a target)."""
+    parts = []
+    for entry in path:
+        for attribute in ("name", "key", "idx"):
+            if hasattr(entry, attribute):
+                parts.append(str(getattr(entry, attribute)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 over every array of a pytree (its path, dtype, shape and bytes), as hex; leaves in
+    the order of their path names, so that a TrainState and its restored dict agree."""
+    digest = hashlib.sha256()
+    leaves = sorted(jax.tree_util.tree_flatten_with_path(state)[0], key=lambda item: _path_name(item[0]))
+    for path, leaf in leaves:
+        if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{_path_name(path)}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.view(np.uint8).reshape(-1).data if array.size else b"")
+    return digest.hexdigest()
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint could not be read back, or its arrays differ from what was saved."""
+
+
+def _restore_verified(manager: ocp.CheckpointManager, step: int, abstract_state: Any = None) -> tuple[Any, Any]:
+    """(state, data) of one step, checked against the digest saved with it.
+
+    Raises CorruptCheckpointError when orbax cannot read it or the digest differs. Checkpoints
+    written before digests were saved restore unchecked.
+    """
+    folder = manager.directory / str(step)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if (folder / "data").exists():
+        items["data"] = ocp.args.JsonRestore()
+    if (folder / "checksum").exists():
+        items["checksum"] = ocp.args.JsonRestore()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # noqa: BLE001 - orbax raises many kinds for a damaged folder
+        raise CorruptCheckpointError(f"{folder} cannot be read: {type(error).__name__}: {error}"[:500]) from None
+    state = restored["state"]
+    if "checksum" in items:
+        expected = restored["checksum"].get("sha256")
+        if state_digest(state) != expected:
+            raise CorruptCheckpointError(f"{folder}: its arrays differ from the ones saved (SHA-256 mismatch).")
+    return state, restored.get("data")
+
+
 class TrainCheckpoints:
     """Latest-K checkpoints in ``<workdir>/checkpoints`` and best-K by validation PSNR in ``<workdir>/best``.
 
-    Each holds ``state`` (the unreplicated TrainState) and ``data`` (the grain iterator state, JSON).
-    Saves are asynchronous; orbax writes into a temporary folder and renames it when complete, so
-    a crash never leaves a partial checkpoint that a restore would pick up.
+    Each holds ``state`` (the unreplicated TrainState), ``data`` (the grain iterator state, JSON)
+    and ``checksum`` (`state_digest` of the state). Saves are asynchronous; orbax writes into a
+    temporary folder and renames it when complete, so a crash never leaves a partial checkpoint
+    that a restore would pick up. `restore_latest` checks the digest and falls back from a
+    damaged checkpoint to the newest good one, logging which it skipped and why.
     """
 
     def __init__(self, workdir: pathlib.Path, keep_latest: int, keep_best: int):
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self.latest = ocp.CheckpointManager(
             workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True),
-            item_handlers=handlers,
+            item_handlers=self._handlers(),
         )
         self.best = ocp.CheckpointManager(
             workdir / "best",
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_best, best_fn=lambda m: m["psnr"], best_mode="max", create=True
             ),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+            item_handlers=self._handlers(),
         )
 
     @staticmethod
+    def _handlers() -> dict[str, Any]:
+        json_handler = ocp.JsonCheckpointHandler
+        return {"state": ocp.StandardCheckpointHandler(), "data": json_handler(), "checksum": json_handler()}
+
+    @staticmethod
     def _args(state: Any, data_state: dict) -> ocp.args.Composite:
-        return ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        return ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            checksum=ocp.args.JsonSave({"sha256": state_digest(state)}),
+        )
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> None:
         if step in self.latest.all_steps():
@@ -129,13 +203,21 @@ class TrainCheckpoints:
             self.best.save(step, args=self._args(state, data_state), metrics={"psnr": psnr}, force=True)
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        restored = self.latest.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        )
-        return restored["state"], restored["data"]
+        """(state, data state) of the newest checkpoint that reads back intact, or None if there is
+        none; damaged newer ones are skipped with a warning. Raises CorruptCheckpointError if
+        every checkpoint is damaged (starting over would silently discard the run)."""
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return _restore_verified(self.latest, step, abstract_state)
+            except CorruptCheckpointError as error:
+                log.warning("skipping checkpoint %d: %s", step, error)
+        if steps:
+            raise CorruptCheckpointError(
+                f"none of the checkpoints {sorted(steps)} in {self.latest.directory} reads back intact (see the "
+                "warnings above); move the folder away to start over."
+            )
+        return None
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -156,6 +238,9 @@ def restore_model(
     ``conv_general_dilated=enlca_jax.cpu.setup()``.
     """
     workdir = pathlib.Path(workdir).expanduser().absolute()
+    which = str(which)
+    if which not in ("latest", "best") and not which.isdigit():
+        raise ValueError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}.")
     if (workdir / MODEL_JSON).is_file() and (workdir / VARIABLES_DIR).is_dir():
         model, variables = load_model(workdir, **overrides)
         return model, variables, 0
@@ -170,9 +255,7 @@ def restore_model(
     model = models.model_from_config(saved["model_config"], **overrides)
     folder = workdir / ("best" if which == "best" else "checkpoints")
     manager = ocp.CheckpointManager(
-        folder,
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
+        folder, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=TrainCheckpoints._handlers()
     )
     steps = manager.all_steps()
     if not steps:
@@ -185,8 +268,10 @@ def restore_model(
         step = int(which)
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {folder}; available: {sorted(steps)}.")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    manager.close()
+    try:
+        restored, _ = _restore_verified(manager, step)
+    finally:
+        manager.close()
     variables = {"params": restored["params"]}
     if restored.get("random_features"):
         variables[attention.FEATURE_COLLECTION] = restored["random_features"]

@@ -19,6 +19,7 @@ import argparse
 import pathlib
 import re
 import sys
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,11 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}.")
     if path.suffix == ".npz":
-        with np.load(path) as data:
-            state = {key: data[key] for key in data.files}
+        try:
+            with np.load(path) as data:
+                state = {key: data[key] for key in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"cannot read {path}: not a complete .npz file ({error}).") from None
         prefix = "state_dict/"
         if any(key.startswith(prefix) for key in state):  # golden-file layout
             state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
@@ -60,6 +64,11 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return state
 
 
+#: The authors' make_model: an ENLCA block first and after every 8th ResBlock, Q/K width n_feats // 4.
+AUTHORS_ATTENTION_EVERY = 8
+AUTHORS_REDUCTION = 4
+
+
 def _body_indices(state: dict[str, np.ndarray]) -> dict[int, str]:
     kinds: dict[int, str] = {}
     for key in state:
@@ -76,46 +85,102 @@ def _body_indices(state: dict[str, np.ndarray]) -> dict[int, str]:
     return dict(sorted(kinds.items()))
 
 
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every state_dict entry, in order, with its shape, of the network the authors' ``make_model``
+    builds for `infer_config`'s ``config`` (EDSR when ``attention`` is 'none')."""
+    f, colors = config["features"], 3
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, out, inp, size):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp, size, size), (out,)
+
+    conv("sub_mean", colors, colors, 1)
+    conv("add_mean", colors, colors, 1)
+    conv("head.0", f, colors, 3)
+    layout = models.body_layout(config["num_resblocks"], AUTHORS_ATTENTION_EVERY, config.get("attention") != "none")
+    for index, (kind, _) in enumerate(layout):
+        if kind == "attention":
+            embed = f // AUTHORS_REDUCTION
+            conv(f"body.{index}.conv_match1.0", embed, f, 1)
+            conv(f"body.{index}.conv_match2.0", embed, f, 1)
+            conv(f"body.{index}.conv_assembly.0", f, f, 1)
+            shapes[f"body.{index}.attn_fn.projection_matrix"] = (config["num_random_features"], embed)
+        else:
+            conv(f"body.{index}.body.0", f, f, 3)
+            conv(f"body.{index}.body.2", f, f, 3)
+    conv(f"body.{len(layout)}", f, f, 3)
+    for stage, factor in enumerate(models.upsampler_factors(config["scale"])):
+        conv(f"tail.0.{2 * stage}", factor * factor * f, f, 3)
+    conv("tail.1", colors, f, 3)
+    return shapes
+
+
+def check_state_dict(state: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+    """Raise ValueError unless ``state`` has exactly `expected_shapes`'s entries, shapes and only
+    finite values, naming the first missing, extra, mis-shaped or non-finite entry."""
+    expected = expected_shapes(config)
+    missing = [key for key in expected if key not in state]
+    extra = sorted(key for key in state if key not in expected)
+    described = (f"the authors' ENLCN with n_resblocks={config['num_resblocks']}, n_feats={config['features']}, "
+                 f"×{config['scale']}" + ("" if config.get("attention") != "none" else ", no attention"))  # fmt: skip
+    if missing:
+        raise ValueError(f"state_dict lacks {missing[0]!r} (and {len(missing) - 1} more entries) of {described}.")
+    if extra:
+        raise ValueError(f"state_dict has {extra[0]!r} (and {len(extra) - 1} more entries), not part of {described}.")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(state[key].shape)}, but {described} has {shape} there.")
+        if not np.all(np.isfinite(state[key])):
+            raise ValueError(f"{key} holds NaN or infinite values: the weights file is damaged.")
+
+
 def infer_config(state: dict[str, np.ndarray]) -> dict[str, Any]:
     """ENLCN constructor arguments that reproduce the state_dict's architecture.
+
+    The architectures accepted are those of the authors' ``make_model`` (any n_resblocks from 1,
+    any n_feats, ×2/×3/×4; an ENLCA block first and after every 8th ResBlock, reduction 4) and the
+    same network without attention (EDSR); `check_state_dict` then requires the file to match it
+    exactly.
 
     Returns:
       dict with scale, num_resblocks, features, attention_every, reduction, num_random_features,
       rgb_mean (and attention='none' when the file has no ENLCA blocks); see
       `models.model_from_config`.
     """
-    if "head.0.weight" not in state:
-        raise ValueError("not an ENLCN/EDSR state_dict: no 'head.0.weight' entry.")
-    features = state["head.0.weight"].shape[0]
+    if "head.0.weight" not in state or np.ndim(state["head.0.weight"]) != 4:
+        raise ValueError("not an ENLCN/EDSR state_dict: no 'head.0.weight' [n_feats, 3, 3, 3] entry.")
+    features = int(state["head.0.weight"].shape[0])
     kinds = _body_indices(state)
-    if not kinds or list(kinds.values())[-1] != "conv":
-        raise ValueError("state_dict has no final body conv 'body.<last>.weight'.")
-    order = list(kinds.values())[:-1]
-    num_resblocks = order.count("resblock")
-    config: dict[str, Any] = {"features": int(features), "num_resblocks": num_resblocks}
-    if "attention" in order:
-        gaps = [i for i, kind in enumerate(order) if kind == "attention"]
-        attention_every = gaps[1] - gaps[0] - 1 if len(gaps) > 1 else max(num_resblocks, 1)
-        config["attention_every"] = attention_every
+    if not kinds:
+        raise ValueError("state_dict has no 'body.<i>' entries.")
+    num_resblocks = sum(kind == "resblock" for kind in kinds.values())
+    config: dict[str, Any] = {"features": features, "num_resblocks": num_resblocks}
+    if "attention" in kinds.values():
+        config["attention_every"] = AUTHORS_ATTENTION_EVERY
+        config["reduction"] = AUTHORS_REDUCTION
         first = next(i for i, kind in kinds.items() if kind == "attention")
-        projection = state[f"body.{first}.attn_fn.projection_matrix"]
+        projection = state.get(f"body.{first}.attn_fn.projection_matrix")
+        if projection is None or np.ndim(projection) != 2:
+            raise ValueError(f"state_dict lacks 'body.{first}.attn_fn.projection_matrix' [m, n_feats // 4].")
         config["num_random_features"] = int(projection.shape[0])
-        config["reduction"] = int(features // projection.shape[1])
     else:
         config["attention"] = "none"
     stages = sorted(int(m.group(1)) for k in state if (m := re.match(r"tail\.0\.(\d+)\.weight", k)))
-    first_out = state["tail.0.0.weight"].shape[0]
-    if len(stages) == 2 and first_out == 4 * features:
+    first_out = state["tail.0.0.weight"].shape[0] if "tail.0.0.weight" in state else None
+    if stages == [0, 2] and first_out == 4 * features:
         config["scale"] = 4
-    elif len(stages) == 1 and first_out == 4 * features:
+    elif stages == [0] and first_out == 4 * features:
         config["scale"] = 2
-    elif len(stages) == 1 and first_out == 9 * features:
+    elif stages == [0] and first_out == 9 * features:
         config["scale"] = 3
     else:
-        raise ValueError(f"cannot infer the scale from the tail convs {stages} with {first_out} outputs.")
-    if "sub_mean.bias" in state:
-        # float32 in the file; the constants have 4 decimals, so rounding recovers them exactly.
-        config["rgb_mean"] = tuple(round(float(v), 6) for v in -state["sub_mean.bias"])
+        raise ValueError(
+            f"cannot infer the scale from the upsampler convs tail.0.{stages} with {first_out} outputs: expected "
+            f"tail.0.0 with {4 * features} (×2) or {9 * features} (×3) outputs, or tail.0.0 and tail.0.2 (×4)."
+        )
+    check_state_dict(state, config)
+    # float32 in the file; the constants have 4 decimals, so rounding recovers them exactly.
+    config["rgb_mean"] = tuple(round(float(v), 6) for v in -state["sub_mean.bias"])
     return config
 
 

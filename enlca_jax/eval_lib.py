@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -152,29 +154,57 @@ def format_table(results: dict[str, dict[int, SetResult]]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def output_names(files: list[pathlib.Path], scale: int) -> dict[pathlib.Path, str]:
+    """``<stem>_x<s>.png`` for each file; files that share a stem (``a.png``, ``a.jpg``) get their
+    extension in the name too (``a_png_x2.png``, ``a_jpg_x2.png``), so no result overwrites another."""
+    stems: dict[str, int] = {}
+    for path in files:
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+    return {
+        path: f"{path.stem}_x{scale}.png" if stems[path.stem] == 1 else f"{path.stem}_{path.suffix[1:]}_x{scale}.png"
+        for path in files
+    }
+
+
 def upscale_file(
-    path: str | os.PathLike, output_dir: str | os.PathLike, upscale: Callable[[np.ndarray], np.ndarray], scale: int
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    upscale: Callable[[np.ndarray], np.ndarray],
+    scale: int,
+    name: str | None = None,
 ) -> pathlib.Path:
-    """Upscale one image file to ``<output_dir>/<stem>_x<s>.png``.
+    """Upscale one image file to ``<output_dir>/<name>`` (default ``<stem>_x<s>.png``).
 
-    Greyscale files give greyscale output; an alpha channel is upscaled with MATLAB bicubic.
+    The EXIF orientation is applied first (`image_io.read_image`). Greyscale files give greyscale
+    output; an alpha channel is upscaled with MATLAB bicubic.
     """
-    from PIL import Image  # noqa: PLC0415
-
     path = pathlib.Path(path)
     rgb = image_io.read_image(path)
-    with Image.open(path) as image:
-        alpha = np.asarray(image.getchannel("A")) if "A" in image.getbands() else None
+    alpha = image_io.read_alpha(path)
     sr = upscale(rgb)
     if image_io.is_greyscale_file(path):
         out = np.floor(metrics.grey_values(sr) + 0.5).clip(0, 255).astype(np.uint8)
     else:
         out = sr
-    if alpha is not None and alpha.dtype == np.uint8:
+    if alpha is not None:
         out = np.dstack([out if out.ndim == 3 else out[..., None], imresize.imresize(alpha, scale)])
-    target = pathlib.Path(output_dir) / f"{path.stem}_x{scale}.png"
+    target = pathlib.Path(output_dir) / (name or f"{path.stem}_x{scale}.png")
     image_io.write_png(target, out)
     return target
+
+
+def writable_folder(folder: str | os.PathLike, flag: str = "--output") -> pathlib.Path:
+    """``folder``, created if needed, after checking that files can be written into it."""
+    folder = pathlib.Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file; name a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write into {flag} {folder}: {error.strerror}; choose another folder.") from None
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +261,10 @@ def make_upscaler(options: Options) -> tuple[Callable[[np.ndarray], np.ndarray],
 
 def run_evaluation(options: Options) -> dict[str, dict[int, SetResult]]:
     """Evaluate every set in ``options.datasets``; print the table, write results.json/.csv (+ PNGs)."""
-    upscale, scale, description = make_upscaler(options)
     if not options.datasets:
         raise ValueError("no datasets to evaluate: pass --datasets Set5,Set14 (or set config.eval.datasets).")
-    output = pathlib.Path(options.output).expanduser()
+    output = writable_folder(options.output)
+    upscale, scale, description = make_upscaler(options)
     results: dict[str, dict[int, SetResult]] = {}
     for name in options.datasets:
         if options.data_dir:
@@ -261,23 +291,39 @@ def run_evaluation(options: Options) -> dict[str, dict[int, SetResult]]:
     return results
 
 
-def run_upscale(options: Options, inputs: str | os.PathLike) -> list[pathlib.Path]:
-    """Upscale an image file or every image in a folder into ``options.output`` (PNG)."""
+def run_upscale(options: Options, inputs: str | os.PathLike) -> tuple[list[pathlib.Path], dict[pathlib.Path, str]]:
+    """Upscale an image file or every image in a folder into ``options.output`` (PNG).
+
+    Returns (files written, {input file: why it was skipped}): a file that cannot be read is
+    skipped with its reason and the others are still upscaled. Checks before any work that
+    ``options.output`` is a writable folder other than the input folder.
+    """
     inputs = pathlib.Path(inputs).expanduser()
     if inputs.is_dir():
         files = image_io.list_images(inputs)
         if not files:
             raise ValueError(f"no image files in {inputs} (looked for {', '.join(image_io.IMAGE_EXTENSIONS)}).")
+        if pathlib.Path(options.output).expanduser().resolve() == inputs.resolve():
+            raise ValueError(
+                f"--output is the --input folder {inputs}: a later run would upscale these results again; choose "
+                "another --output folder."
+            )
     elif inputs.is_file():
         files = [inputs]
     else:
         raise FileNotFoundError(f"--input {inputs} does not exist.")
+    output = writable_folder(options.output)
     if options.model == "enlcn" and not options.tile_size and not options.chop:
         options = dataclasses.replace(options, tile_size=256)  # bounded memory for any image size
     upscale, scale, _ = make_upscaler(options)
-    written = []
+    names = output_names(files, scale)
+    written, skipped = [], {}
     from tqdm import tqdm  # noqa: PLC0415
 
     for path in tqdm(files, unit="image", disable=len(files) < 2):
-        written.append(upscale_file(path, options.output, upscale, scale))
-    return written
+        try:
+            written.append(upscale_file(path, output, upscale, scale, names[path]))
+        except ValueError as error:
+            skipped[path] = str(error)
+            print(f"skipped {path}: {error}", file=sys.stderr, flush=True)
+    return written, skipped

@@ -7,7 +7,7 @@ import os
 import pathlib
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: File extensions treated as images when listing folders.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -42,13 +42,15 @@ def to_rgb_uint8(array: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as [H, W, 3] uint8 RGB; a missing, corrupt or truncated file raises ValueError."""
+    """Read an image file as [H, W, 3] uint8 RGB, turned as its EXIF orientation says (as viewers
+    show it); a missing file raises FileNotFoundError, a corrupt or truncated one ValueError."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
             if image.mode == "P":
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -60,6 +62,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: corrupt, truncated or not an image ({error}).") from None
     return to_rgb_uint8(array, str(path))
+
+
+def read_alpha(path: str | os.PathLike) -> np.ndarray | None:
+    """The 8-bit alpha channel [H, W] of an image file (EXIF orientation applied), or None."""
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
+        if "A" not in image.getbands():
+            return None
+        alpha = np.asarray(image.getchannel("A"))
+    return alpha if alpha.dtype == np.uint8 else None
 
 
 def is_greyscale_file(path: str | os.PathLike) -> bool:

@@ -1,6 +1,7 @@
 """Whole-image super-resolution with an ENLCN: plain, self-ensemble ×8, tiled, and the authors' chop.
 
-All functions take LR images in [0, rgb_range] as [H, W, C] or [B, H, W, C] (any H, W ≥ 1) and
+All functions take LR images as [H, W, C] or [B, H, W, C] (any H, W ≥ 1): float in
+[0, rgb_range], or uint8 / uint16 (divided by 255 / 65535 and scaled to rgb_range); they
 return float32 SR images [..., s·H, s·W, C] (not clipped or quantised; evaluation does that).
 
 Tiled inference (`predict_tiled`) keeps the attention global: ENLA's key sums ``φ(K)ᵀV`` and
@@ -26,8 +27,14 @@ from enlca_jax import attention, models
 Array = jax.Array
 
 
-def validate_images(images: Any, colors: int = 3) -> tuple[np.ndarray, bool]:
-    """Check an LR batch and return it as float32 [B, H, W, C], and whether it was unbatched."""
+#: How far float images may stray outside [0, rgb_range] (rounding of earlier processing).
+RANGE_TOLERANCE = 0.01
+
+
+def validate_images(images: Any, colors: int = 3, rgb_range: float = 1.0) -> tuple[np.ndarray, bool]:
+    """Check an LR batch and return it as float32 [B, H, W, C] in [0, rgb_range], and whether it
+    was unbatched. uint8 and uint16 images are scaled from [0, 255] / [0, 65535]; float (or other
+    integer) images must already lie in [0, rgb_range]."""
     x = np.asarray(images)
     if x.ndim not in (3, 4):
         raise ValueError(f"expected an image [H, W, {colors}] or a batch [B, H, W, {colors}], got shape {x.shape}.")
@@ -38,11 +45,19 @@ def validate_images(images: Any, colors: int = 3) -> tuple[np.ndarray, bool]:
         raise ValueError(f"expected {colors} colour channels (last axis), got shape {x.shape}.")
     if 0 in x.shape:
         raise ValueError(f"empty image batch: shape {x.shape}.")
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+    if x.dtype == bool or not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"images must be real numbers, got dtype {x.dtype}.")
+    if x.dtype in (np.uint8, np.uint16):
+        return (x.astype(np.float32) * np.float32(rgb_range / np.iinfo(x.dtype).max)), single
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise ValueError("images contain NaN or infinite values.")
+    low, high = float(x.min()), float(x.max())
+    if low < -RANGE_TOLERANCE * rgb_range or high > (1 + RANGE_TOLERANCE) * rgb_range:
+        raise ValueError(
+            f"{x.dtype} images must lie in [0, {rgb_range:g}] (the model's rgb_range), got values in [{low:g}, "
+            f"{high:g}]; pass uint8 images as they are (they are divided by 255) or scale floats to [0, {rgb_range:g}]."
+        )
     return x, single
 
 
@@ -87,7 +102,7 @@ def predict(
 
     Args:
       model, variables: an ENLCN and its variables.
-      images: [H, W, C] or [B, H, W, C] in [0, rgb_range].
+      images: [H, W, C] or [B, H, W, C]: float in [0, rgb_range] or uint8 / uint16 (scaled).
       self_ensemble: average over the 8 flips/rotations (the "+" results in SR papers).
       tile_size: if set, run `predict_tiled` with LR tiles of this size (global attention,
         equal to untiled inference; bounds activation memory for large images).
@@ -98,8 +113,12 @@ def predict(
 
     Returns:
       SR images [..., s·H, s·W, C] float32 (same batching as the input).
+
+    Raises:
+      ValueError: images of the wrong shape, dtype or range; FloatingPointError: a non-finite
+      output (from non-finite variables).
     """
-    x, single = validate_images(images, model.colors)
+    x, single = validate_images(images, model.colors, model.rgb_range)
     if sum(option is not None and option is not False for option in (tile_size, chop, pad_multiple)) > 1:
         raise ValueError("choose one of tile_size (global attention), chop (authors' quadrants), pad_multiple.")
     if chop:
@@ -111,6 +130,13 @@ def predict(
     else:
         fn = functools.partial(forward, model, variables)
     out = np.asarray(_apply(fn, x, self_ensemble), np.float32)
+    if not np.all(np.isfinite(out)):
+        # The input is finite (checked above): the variables are not, or overflow in the model.
+        raise FloatingPointError(
+            "the model's output contains NaN or infinite values although the images are finite: check that the "
+            "variables are finite (a corrupt or diverged checkpoint); at large activations give the ENLCA blocks "
+            "attention_fn=functools.partial(attention.efficient_attention, stabilize=True)."
+        )
     return out[0] if single else out
 
 

@@ -11,6 +11,9 @@ exactly the batches it would have seen.
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -137,8 +140,23 @@ def train_dataset(
 
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use defaults
             flags.FLAGS.mark_as_parsed()
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=exit_with_parent
+        )
     return iter_dataset
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:  # noqa: ARG001 - grain's signature
+    """In a grain worker: end it when the process that started it dies (even by kill -9, when
+    grain's own shutdown never runs), so that no orphaned worker keeps decoding images."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @dataclasses.dataclass(frozen=True)

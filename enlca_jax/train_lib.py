@@ -6,12 +6,15 @@ The pure step (`enlca_jax.train_step`) is ``jax.pmap``-ped over the local device
 whole train state and the data-iterator state, so a resumed run continues with exactly the
 losses an uninterrupted run would have produced. Validation (`validation.Validator`) runs on
 whole images; SIGTERM/SIGINT (`stop_signals.StopRequest`) end the run with a checkpoint.
+Before any work the config's ranges are checked (`configuration.check_config`), the workdir is
+locked for this run (`workdir.WorkdirLock`) and a resumed run's config is checked against the
+workdir's ``config.json`` (`workdir.record_config`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -37,6 +40,9 @@ from enlca_jax import (
     train_step,
     validation,
 )
+from enlca_jax import (
+    workdir as workdirs,
+)
 
 log = logging.getLogger("enlca_jax.train")
 
@@ -54,19 +60,6 @@ def check_batch_size(batch_size: int) -> int:
             f"set --config.batch_size to a multiple of {devices}."
         )
     return batch_size // processes
-
-
-def write_run_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, params: Any) -> None:
-    """``<workdir>/config.json``: the config, the model's JSON fields (`restore_model` reads them)."""
-    checkpointing.write_json_atomic(
-        workdir / "config.json",
-        {
-            "config": json.loads(config.to_json_best_effort()),
-            "model_config": configuration.model_fields(config),
-            "dtype": config.model.dtype,
-            "parameters": models.count_params(params),
-        },
-    )
 
 
 def training_batches(config: ml_collections.ConfigDict, per_process_batch: int):
@@ -159,7 +152,7 @@ def train_and_evaluate(
     workdir: str | os.PathLike,
     *,
     conv_general_dilated: Callable[..., Any] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Train (resuming from ``workdir`` if it has checkpoints), validate, checkpoint.
 
     Args:
@@ -169,21 +162,44 @@ def train_and_evaluate(
         XLA:CPU one); None for ``jax.lax.conv_general_dilated``. The parameters are the same.
 
     Returns:
-      The last validation metrics (``psnr``, ``ssim``, ``bicubic_psnr``, ``bicubic_ssim``) and ``step``.
+      The last validation metrics (``psnr``, ``ssim``, ``bicubic_psnr``, ``bicubic_ssim`` and the
+      ``eval_step`` they are from; none if no validation ran), the ``step`` reached and
+      ``stopped_by``: the signal's name if SIGTERM/SIGINT ended the run early, else None.
+
+    Raises:
+      ValueError: the config is invalid or incompatible with the workdir's run (before any work).
+      workdir.WorkdirBusyError: another run is training in this workdir.
+      checkpointing.CorruptCheckpointError: every checkpoint of the workdir is damaged.
+      NonFiniteError: the loss or gradients became NaN/inf (the last good checkpoint is kept).
     """
+    configuration.check_config(config)
     if config.distributed:
         jax.distributed.initialize()
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the workdir {workdir}: {error.strerror}; choose another --workdir.") from None
     logging.getLogger("absl").setLevel(logging.WARNING)
     is_main = jax.process_index() == 0
     per_process_batch = check_batch_size(config.batch_size)
+    with contextlib.ExitStack() as stack:
+        if is_main:
+            stack.enter_context(workdirs.WorkdirLock(workdir))
+        return _train(config, workdir, per_process_batch, conv_general_dilated)
+
+
+def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
     model = configuration.build_model(config, conv_general_dilated=conv_general_dilated)
     tx = train_step.create_optimizer(config)
     state = train_step.create_train_state(config, model, tx)
     if is_main:
-        write_run_config(workdir, config, state.params)
+        workdirs.record_config(workdir, config, state.params)
     data_iter = training_batches(config, per_process_batch)
+    # Read (and score bicubic on) the validation split now: a misspelt or unprepared set fails
+    # here, not after the first eval_every steps.
+    validator = validation.Validator(config, model.scale, workdir)
     checkpoints = checkpointing.TrainCheckpoints(workdir, config.keep_latest, config.keep_best)
     restored = checkpoints.restore_latest(jax.eval_shape(lambda: state))
     if restored is not None:
@@ -196,7 +212,8 @@ def train_and_evaluate(
     replicated = flax.jax_utils.replicate(state)
     with_attention = bool(state.random_features)
     progress = _Progress(config, writer, step)
-    validator, last_eval = None, {}
+    last_eval: dict[str, Any] = {}
+    stopped_by = None
 
     def host_state() -> train_step.TrainState:
         return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], replicated))
@@ -217,16 +234,17 @@ def train_and_evaluate(
                 if step % config.checkpoint_every == 0:
                     checkpoints.save(step, host_state(), data_iter.get_state())
                 if step % config.eval_every == 0 or step == config.num_train_steps:
-                    validator = validator or validation.Validator(config, model.scale, workdir)
                     host = host_state()
                     last_eval, samples = validator(model, variables_of(host), step)
-                    writer.write_scalars(step, {f"val_{k}": v for k, v in last_eval.items()})
+                    last_eval["eval_step"] = step
+                    writer.write_scalars(step, {f"val_{k}": v for k, v in last_eval.items() if k != "eval_step"})
                     writer.write_images(step, {f"samples/{name}": image for name, image in samples.items()})
                     if is_main:
                         log.info("validation step %d: PSNR %.3f dB SSIM %.4f (bicubic %.3f dB %.4f)", step,
                                  *(last_eval[k] for k in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")))  # fmt: skip
                     checkpoints.save_best(step, host, data_iter.get_state(), last_eval["psnr"])
             if stop.requested:
+                stopped_by = stop.signal_name
                 log.warning("%s received at step %d: saving a checkpoint and stopping.", stop.signal_name, step)
             checkpoints.save(step, host_state(), data_iter.get_state(), force=True)
     finally:
@@ -234,4 +252,4 @@ def train_and_evaluate(
         checkpoints.close()
         writer.close()
         progress.close()
-    return {**last_eval, "step": step}
+    return {**last_eval, "step": step, "stopped_by": stopped_by}

@@ -361,6 +361,19 @@ class TestEfficientAttention:
         stable = A.efficient_attention(q, k, v, f, stabilize=True)
         np.testing.assert_allclose(stable, numpy_enla(q, k, v, f), rtol=1e-4, atol=1e-5)
 
+    def test_stabilizer_at_large_norms_where_every_feature_underflows(self):
+        # |q| = |k| = 15 with unit-norm rows of F: every logit F x - |x|²/2 <= 15 - 112.5, so
+        # exp() underflows and the features are eps alone; the plain path is finite there, and
+        # the stabilised one must be too (and agree with the float64 formula), gradients included.
+        q, k, v = _qkv(amp=225.0)
+        f = A.orthogonal_random_matrix(jax.random.key(0), 32, 8) / math.sqrt(8)
+        plain = A.efficient_attention(q, k, v, f)
+        stable = A.efficient_attention(q, k, v, f, stabilize=True)
+        assert np.all(np.isfinite(plain)) and np.all(np.isfinite(stable))
+        np.testing.assert_allclose(stable, numpy_enla(q, k, v, f), rtol=1e-4, atol=1e-5)
+        grads = jax.grad(lambda q, k: jnp.sum(A.efficient_attention(q, k, v, f, stabilize=True) ** 2), (0, 1))(q, k)
+        assert all(np.all(np.isfinite(g)) for g in grads)
+
     def test_mask_equals_dropping_keys(self):
         q, k, v = _qkv()
         f = A.orthogonal_random_matrix(jax.random.key(0), 32, 8)
@@ -558,7 +571,7 @@ class TestENLCAModule:
         "shape,kwargs,match",
         [
             ((9, 10, 16), {}, "NHWC"),
-            ((2, 9, 10, 15), {}, "divide by reduction"),
+            ((2, 9, 10, 3), {}, "at least reduction = 4"),
             ((2, 9, 10, 16), {"num_features": 0}, "must be > 0"),
         ],
     )

@@ -79,6 +79,29 @@ class TestBuilders:
         skimage = datasets.load_split("sr_skimage", "validation", tmp_path / "d")  # prepared on first use
         assert len(skimage) == len(datasets.SKIMAGE_VALIDATION)
 
+    def test_changed_source_is_rebuilt(self, tmp_path, capsys):
+        rng = np.random.default_rng(2)
+        photos = tmp_path / "photos"
+        write(photos / "a.png", random_image(rng, 30, 30))
+        argv = ["--source", str(photos), "--folder", "mine", "--data_dir", str(tmp_path / "d")]
+        assert prepare_cli.main(argv) == 0
+        assert prepare_cli.main(argv) == 0  # unchanged: reused
+        assert "rebuilding" not in capsys.readouterr().out
+        write(photos / "b.png", random_image(rng, 24, 28))
+        assert prepare_cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "changed since" in out and "{'train': 2}" in out
+        assert len(datasets.load_split("sr_folder/mine", "train", tmp_path / "d")) == 2
+        (photos / "a.png").unlink()
+        (photos / "b.png").unlink()
+        write(photos / "c.png", random_image(rng, 20, 20))
+        assert prepare_cli.main(argv) == 0
+        source = datasets.load_split("sr_folder/mine", "train", tmp_path / "d")
+        assert [datasets.decode_name(source[i]["name"]) for i in range(len(source))] == ["c"]
+        argv[1] = str(tmp_path / "gone")
+        assert prepare_cli.main(argv) == 2
+        assert "does not exist" in capsys.readouterr().err
+
     def test_not_prepared_says_how(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="python -m enlca_jax.datasets --source"):
             datasets.load_split("sr_benchmark/Set14", "test", tmp_path)

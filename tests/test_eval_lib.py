@@ -84,7 +84,8 @@ class TestUpscale:
         Image.fromarray(rng.integers(0, 256, (9, 11), dtype=np.uint8)).save(inputs / "grey.png")
         Image.fromarray(rng.integers(0, 256, (10, 7, 4), dtype=np.uint8)).save(inputs / "rgba.png")
         options = eval_lib.Options(workdir=str(authors_x2), output=str(tmp_path / "out"))
-        written = eval_lib.run_upscale(options, inputs)
+        written, skipped = eval_lib.run_upscale(options, inputs)
+        assert skipped == {}
         grey = Image.open(tmp_path / "out" / "grey_x2.png")
         rgba = Image.open(tmp_path / "out" / "rgba_x2.png")
         assert len(written) == 2
@@ -92,6 +93,44 @@ class TestUpscale:
         assert rgba.mode == "RGBA" and rgba.size == (14, 20)
         alpha = np.asarray(Image.open(inputs / "rgba.png").getchannel("A"))
         np.testing.assert_array_equal(np.asarray(rgba.getchannel("A")), imresize.imresize(alpha, 2))
+
+    def test_same_stem_bad_files_and_output_checks(self, tmp_path, capsys):
+        rng = np.random.default_rng(2)
+        inputs = tmp_path / "in"
+        inputs.mkdir()
+        png, jpg = rng.integers(0, 256, (8, 9, 3), dtype=np.uint8), rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+        Image.fromarray(png).save(inputs / "a.png")
+        Image.fromarray(jpg).save(inputs / "a.jpg", quality=95)
+        (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+        options = eval_lib.Options(model="bicubic", scale=2, output=str(tmp_path / "out"))
+        written, skipped = eval_lib.run_upscale(options, inputs)
+        assert sorted(p.name for p in written) == ["a_jpg_x2.png", "a_png_x2.png"]
+        assert Image.open(tmp_path / "out" / "a_png_x2.png").size == (18, 16)
+        assert Image.open(tmp_path / "out" / "a_jpg_x2.png").size == (10, 12)
+        assert list(skipped) == [inputs / "broken.png"] and "corrupt" in skipped[inputs / "broken.png"]
+        assert "skipped" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="--output is the --input folder"):
+            eval_lib.run_upscale(eval_lib.Options(model="bicubic", scale=2, output=str(inputs)), inputs)
+        (tmp_path / "file").write_text("")
+        with pytest.raises(ValueError, match="is a file; name a folder"):
+            eval_lib.run_upscale(eval_lib.Options(model="bicubic", scale=2, output=str(tmp_path / "file")), inputs)
+
+    def test_cli_exit_status_and_flag_errors(self, tmp_path):
+        inputs = tmp_path / "in"
+        inputs.mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(inputs / "ok.png")
+        (inputs / "bad.png").write_bytes(b"nope")
+        base = [sys.executable, "eval.py", "--model", "bicubic", "--scale", "2"]
+
+        def run(*flags):
+            return subprocess.run([*base, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+        result = run(f"--input={inputs}", f"--output={tmp_path / 'out'}")
+        assert result.returncode == 1 and "1 of 2 images could not be read" in result.stderr
+        assert (tmp_path / "out" / "ok_x2.png").is_file()
+        result = run("--checkpoint=foo", f"--input={inputs}")
+        assert result.returncode == 2 and "--checkpoint must be 'best', 'latest' or a step" in result.stderr
+        assert "Traceback" not in result.stderr
 
     def test_missing_input(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -25,3 +25,16 @@ class TestImageIO:
         (tmp_path / "x.png").write_bytes(b"hello")
         with pytest.raises(ValueError, match="x.png"):
             image_io.read_image(tmp_path / "x.png")
+
+    def test_exif_orientation_is_applied(self, tmp_path):
+        pixels = np.zeros((4, 6, 3), np.uint8)
+        pixels[0, 0] = 255  # a white corner: top left as stored
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90° clockwise to display"
+        Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+        shown = image_io.read_image(tmp_path / "turned.png")
+        assert shown.shape == (6, 4, 3)  # as a viewer shows it
+        assert shown[0, -1].min() == 255 and shown[0, 0].max() == 0
+        with_alpha = np.dstack([pixels, np.arange(24, dtype=np.uint8).reshape(4, 6)])
+        Image.fromarray(with_alpha).save(tmp_path / "turned_rgba.png", exif=exif)
+        assert image_io.read_alpha(tmp_path / "turned_rgba.png").shape == (6, 4)

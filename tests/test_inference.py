@@ -84,11 +84,27 @@ class TestInference:
             (np.zeros((0, 4, 3)), "empty"),
             (np.full((4, 4, 3), np.nan), "NaN"),
             (np.array([[["a", "b", "c"]]]), "real numbers"),
+            (np.full((4, 4, 3), 255.0), r"must lie in \[0, 1\] .* got values in \[255, 255\]; pass uint8"),
+            (np.full((4, 4, 3), -0.5), r"got values in \[-0.5, -0.5\]"),
+            (np.ones((4, 4, 3), bool), "real numbers"),
         ],
     )
     def test_bad_input(self, images, match):
         with pytest.raises(ValueError, match=match):
             inference.predict(self.model, self.variables, images)
+
+    def test_uint8_and_uint16_images_are_scaled(self):
+        pixels = np.random.default_rng(3).integers(0, 256, (2, 9, 10, 3), dtype=np.uint8)
+        expected = inference.predict(self.model, self.variables, pixels.astype(np.float32) / 255)
+        np.testing.assert_allclose(inference.predict(self.model, self.variables, pixels), expected, atol=1e-6)
+        wide = pixels.astype(np.uint16) * 257  # 255 -> 65535
+        np.testing.assert_allclose(inference.predict(self.model, self.variables, wide), expected, atol=1e-6)
+
+    def test_non_finite_variables_are_reported(self):
+        broken = jax.tree_util.tree_map(lambda a: a, self.variables)
+        broken["params"]["head"]["bias"] = broken["params"]["head"]["bias"].at[0].set(jnp.nan)
+        with pytest.raises(FloatingPointError, match="variables are finite"):
+            inference.predict(self.model, broken, self.x)
 
     def test_bad_options(self):
         with pytest.raises(ValueError, match="tile_size"):

@@ -1,6 +1,14 @@
 """enlca_jax.input_pipeline: aligned paired crops, paired augmentation, determinism, resume, shards."""
 
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
+import psutil
 import pytest
 from conftest import random_image
 
@@ -76,3 +84,35 @@ class TestPipeline:
             input_pipeline.train_dataset(
                 source[:1], scale=2, patch_size=4, batch_size=1, seed=0, shard_count=2, shard_index=1
             )
+
+
+WORKER_SCRIPT = """
+import numpy as np, psutil, sys, time
+from enlca_jax import input_pipeline
+rng = np.random.default_rng(0)
+source = [{"name": b"a", "hr": rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
+           "lr_x2": rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)}]
+it = iter(input_pipeline.train_dataset(source, scale=2, patch_size=8, batch_size=1, seed=0, worker_count=1))
+next(it)
+print(" ".join(str(c.pid) for c in psutil.Process().children(recursive=True)), flush=True)
+time.sleep(120)
+"""
+
+
+def test_grain_workers_end_when_the_trainer_is_killed():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    process = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], cwd=root, env=env, stdout=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    try:
+        workers = [int(pid) for pid in process.stdout.readline().split()]
+        assert workers, "grain started no worker process"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        time.sleep(0.2)
+    assert not alive, f"grain workers {alive} outlived the killed trainer"

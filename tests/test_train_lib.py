@@ -55,6 +55,12 @@ def losses(workdir):
     return by_step
 
 
+def metric_lines(workdir, key):
+    """(step, value) of every metrics.jsonl line that has ``key``, in file order (duplicates kept)."""
+    lines = (json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())
+    return [(record["step"], record[key]) for record in lines if key in record]
+
+
 def run_train_py(workdir, data_dir, devices, *flags):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--workdir={workdir}",
@@ -81,6 +87,9 @@ class TestTrainAndEvaluate:
         assert result["step"] == 6 and np.isfinite(result["psnr"]) and result["bicubic_psnr"] > 20
         reference = losses(full)
         assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+        # The contrastive term is off before contrastive.start_step (2: metrics of steps 1, 2) and on from it.
+        contrastive = {step: value for step, value in metric_lines(full, "contrastive")}
+        assert contrastive[1] == contrastive[2] == 0 and any(contrastive[s] > 0 for s in (3, 4, 5, 6))
         saved = json.loads((full / "config.json").read_text())
         assert saved["config"]["batch_size"] == 4 and saved["parameters"] > 0
         (sample,) = (full / "samples").rglob("*.png")  # LR bicubic | SR | HR, 4 px apart
@@ -126,9 +135,11 @@ class TestTrainAndEvaluate:
         wait_for_step(killed, 12, process)
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=120)[0]
-        assert process.returncode == 0, output
-        assert "SIGTERM received" in output
+        assert process.returncode == 128 + signal.SIGTERM, output
+        assert "SIGTERM received" in output and "stopped by SIGTERM at step" in output
         got = losses(killed)
+        steps = [step for step, _ in metric_lines(killed, "loss")]
+        assert len(steps) == len(set(steps)), "a resumed run wrote some steps' metric lines twice"
         for s in range(11, 13):
             assert got[s] == pytest.approx(expected[s], rel=1e-4)  # other device count: rounding only
         assert max(finished_checkpoints(killed)) == max(got)
@@ -144,6 +155,32 @@ class TestTrainAndEvaluate:
         config.data.train = "sr_div2k"
         with pytest.raises(FileNotFoundError, match="python -m enlca_jax.datasets"):
             train(config, tmp_path / "w")
+
+    def test_misspelt_validation_set_fails_before_training(self, data_dir, tmp_path):
+        config = tiny_config(data_dir)
+        config.data.validation = "sr_benchmark/Set15"
+        with pytest.raises(ValueError, match="no set 'Set15'"):
+            train(config, tmp_path / "w")
+        assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+    def test_workdir_of_another_model_is_refused_before_any_work(self, data_dir, tmp_path):
+        train(tiny_config(data_dir, num_train_steps=2, eval_every=100), tmp_path)
+        record = (tmp_path / "config.json").read_text()
+        metrics = (tmp_path / "metrics.jsonl").read_text()
+        with pytest.raises(ValueError, match=r"(?s)different config.*model features: 8 -> 16"):
+            train(tiny_config(data_dir, **{"model.features": 16}), tmp_path)
+        assert (tmp_path / "config.json").read_text() == record
+        assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+    def test_cli_errors_are_one_line(self, data_dir, tmp_path):
+        result = subprocess.run(
+            [sys.executable, "train.py", "--config", "configs/tiny.py", f"--workdir={tmp_path}",
+             f"--config.data.data_dir={data_dir}", "--config.keep_latest=0", "--config.learning_rate=-1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "config.keep_latest = 0: must be >= 1" in result.stderr and "config.learning_rate = -1" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "config.json").exists()
 
 
 def finished_checkpoints(workdir):

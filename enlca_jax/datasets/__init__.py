@@ -31,9 +31,11 @@ Prepare from the command line (once)::
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
+import shutil
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -250,20 +252,63 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return (pathlib.Path(os.fspath(builder.data_dir)) / "dataset_info.json").is_file()
 
 
-def prepare(
-    name: str, data_dir: str | os.PathLike, source: str | os.PathLike | None = None
-) -> tfds.core.DatasetBuilder:
-    """Build a dataset into ``data_dir`` from local files (never downloads)."""
-    builder = get_builder(name, data_dir)
-    if is_prepared(builder):
-        return builder
-    manual = os.fspath(source) if source is not None else None
-    if manual is not None and not pathlib.Path(manual).is_dir():
-        raise FileNotFoundError(f"source folder {manual} does not exist.")
+#: Written beside a prepared dataset made from a source folder: what that folder held.
+SOURCE_RECORD = "source_files.json"
+
+
+def source_fingerprint(source: str | os.PathLike) -> dict[str, list[int]]:
+    """{relative path: [size, mtime in ns]} of every file under ``source`` (not read, only stat-ed)."""
+    root = pathlib.Path(source)
+    return {
+        str(path.relative_to(root)): [path.stat().st_size, path.stat().st_mtime_ns]
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _build(builder: tfds.core.DatasetBuilder, manual: str | None) -> None:
     config = tfds.download.DownloadConfig(
         manual_dir=manual, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
     builder.download_and_prepare(download_config=config)
+
+
+def prepare(
+    name: str, data_dir: str | os.PathLike, source: str | os.PathLike | None = None
+) -> tfds.core.DatasetBuilder:
+    """Build a dataset into ``data_dir`` from local files (never downloads).
+
+    A dataset already prepared from ``source`` is rebuilt when the folder's files changed since
+    (added, removed, resized or modified: `source_fingerprint`), so it never serves stale data;
+    the old copy is kept until the new one is complete.
+    """
+    manual = os.fspath(source) if source is not None else None
+    if manual is not None and not pathlib.Path(manual).is_dir():
+        raise FileNotFoundError(f"source folder {manual} does not exist.")
+    builder = get_builder(name, data_dir)
+    version_dir = pathlib.Path(os.fspath(builder.data_dir))
+    fingerprint = source_fingerprint(manual) if manual is not None else None
+    if is_prepared(builder):
+        record = version_dir / SOURCE_RECORD
+        if fingerprint is None or (record.is_file() and json.loads(record.read_text()) == fingerprint):
+            return builder
+        print(f"{name}: the source folder {manual} changed since {version_dir} was prepared; rebuilding it.",
+              flush=True)  # fmt: skip
+        stale = version_dir.with_name(f".{version_dir.name}.stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        version_dir.rename(stale)
+        try:
+            builder = get_builder(name, data_dir)
+            _build(builder, manual)
+        except BaseException:
+            shutil.rmtree(version_dir, ignore_errors=True)
+            stale.rename(version_dir)
+            raise
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        _build(builder, manual)
+    if fingerprint is not None:
+        (version_dir / SOURCE_RECORD).write_text(json.dumps(fingerprint))
     return builder
 
 

@@ -1,0 +1,80 @@
+"""enlca_jax.checkpointing: damaged checkpoints are detected, skipped with a reason, never restored."""
+
+import logging
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from enlca_jax import checkpointing
+
+
+def state_at(step):
+    return {"params": {"w": np.full((64, 32), step, np.float32), "b": np.arange(5, dtype=np.float32) * step},
+            "step": np.int32(step)}  # fmt: skip
+
+
+def saved(workdir, steps=(1, 2, 3)):
+    checkpoints = checkpointing.TrainCheckpoints(workdir, keep_latest=5, keep_best=2)
+    for step in steps:
+        checkpoints.save(step, state_at(step), {"epoch": step})
+    checkpoints.wait()
+    checkpoints.close()
+
+
+def restore(workdir):
+    checkpoints = checkpointing.TrainCheckpoints(workdir, keep_latest=5, keep_best=2)
+    try:
+        return checkpoints.restore_latest(jax.eval_shape(lambda: state_at(0)))
+    finally:
+        checkpoints.close()
+
+
+def array_files(workdir, step):
+    folder = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+    files = (p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 256)
+    return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+class TestDamagedCheckpoints:
+    def test_intact(self, tmp_path):
+        saved(tmp_path)
+        state, data = restore(tmp_path)
+        assert int(state["step"]) == 3 and data == {"epoch": 3}
+        np.testing.assert_array_equal(state["params"]["w"], state_at(3)["params"]["w"])
+
+    def test_flipped_bytes_fall_back_to_the_previous_step(self, tmp_path, caplog):
+        saved(tmp_path)
+        target = array_files(tmp_path, 3)[0]
+        raw = bytearray(target.read_bytes())
+        for offset in range(len(raw) // 3, len(raw) // 3 + 64):
+            raw[offset] ^= 0xFF
+        target.write_bytes(bytes(raw))
+        with caplog.at_level(logging.WARNING, logger="enlca_jax.checkpointing"):
+            state, data = restore(tmp_path)
+        assert int(state["step"]) == 2 and data == {"epoch": 2}
+        assert "skipping checkpoint 3" in caplog.text
+
+    def test_deleted_file_falls_back(self, tmp_path, caplog):
+        saved(tmp_path)
+        array_files(tmp_path, 3)[0].unlink()
+        with caplog.at_level(logging.WARNING, logger="enlca_jax.checkpointing"):
+            state, _ = restore(tmp_path)
+        assert int(state["step"]) == 2 and "skipping checkpoint 3" in caplog.text
+
+    def test_all_damaged_is_an_error_not_a_fresh_start(self, tmp_path):
+        saved(tmp_path, steps=(1,))
+        target = array_files(tmp_path, 1)[0]
+        target.write_bytes(target.read_bytes()[:16])
+        with pytest.raises(checkpointing.CorruptCheckpointError, match="none of the checkpoints"):
+            restore(tmp_path)
+
+    def test_digest_covers_names_values_and_shapes(self):
+        a = state_at(1)
+        assert checkpointing.state_digest(a) == checkpointing.state_digest(state_at(1))
+        assert checkpointing.state_digest(a) != checkpointing.state_digest(state_at(2))
+        renamed = {"params": {"v": a["params"]["w"], "b": a["params"]["b"]}, "step": a["step"]}
+        assert checkpointing.state_digest(a) != checkpointing.state_digest(renamed)
+        reshaped = {**a, "params": {**a["params"], "w": a["params"]["w"].reshape(32, 64)}}
+        assert checkpointing.state_digest(a) != checkpointing.state_digest(reshaped)
