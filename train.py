@@ -54,7 +54,7 @@ def main(argv):
             raise
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
-    if "psnr" in result:
+    if "ssim" in result:  # process 0 (the one that validates)
         print(
             f"step {result['eval_step']}: validation Y-PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "
             f"(MATLAB bicubic: {result['bicubic_psnr']:.2f} dB, {result['bicubic_ssim']:.4f})"

@@ -80,7 +80,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_best = 3  # best checkpoints by validation PSNR kept in <workdir>/best
     config.num_sample_images = 3  # validation SR images written to <workdir>/samples/<step>/
     config.progress_bar = True  # tqdm bar on a terminal (plain log lines otherwise)
-    config.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / GPU clusters)
+
+    # --- Several processes (multi-host TPU pods, GPU clusters; enlca_jax.distributed) -------------
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False  # call jax.distributed.initialize() before anything else
+    # Where no cluster is detected (not Cloud TPU, SLURM, Open MPI or Kubernetes): process 0's
+    # host:port, the number of processes and this process's id (or JAX_COORDINATOR_ADDRESS,
+    # JAX_NUM_PROCESSES, JAX_PROCESS_ID); "" / -1 leave them to the cluster detection.
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = -1
+    config.distributed.process_id = -1
+    config.distributed.local_device_ids = ""  # e.g. "0,1": this process's GPUs ("" = all it sees)
+    config.distributed.cpu_collectives = "gloo"  # how CPU devices of several processes communicate
+    config.distributed.initialization_timeout = 300  # seconds to wait for all processes to connect
 
     # --- Evaluation (eval.py) --------------------------------------------------------------------
     config.eval = ml_collections.ConfigDict()

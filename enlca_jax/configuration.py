@@ -29,6 +29,7 @@ CHOICES = {
     "model.feature_type": ("orthogonal", "iid"),
     "model.initializer": ("pytorch", "flax"),
     "contrastive.method": ("select", "top_k"),
+    "distributed.cpu_collectives": ("gloo", "mpi", ""),
 }
 
 #: Lower bounds of the numeric fields: (bound, inclusive).
@@ -65,6 +66,9 @@ MINIMA = {
     "keep_best": (0, True),
     "num_sample_images": (0, True),
     "eval.tile_size": (0, True),
+    "distributed.num_processes": (-1, True),
+    "distributed.process_id": (-1, True),
+    "distributed.initialization_timeout": (1, True),
 }
 
 #: Fields that count something and must be whole numbers.

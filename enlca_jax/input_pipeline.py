@@ -111,7 +111,9 @@ def train_dataset(
       scale, patch_size: LR patch p, HR patch p·s.
       batch_size: batch for this process (the global batch divided by the process count).
       seed: shuffle and crop seed.
-      shard_index, shard_count: this process's shard (``jax.process_index()``, ``jax.process_count()``).
+      shard_index, shard_count: this process's share (``jax.process_index()``,
+        ``jax.process_count()``): every ``shard_count``-th element of the shuffled stream, so
+        the processes' batches together are the single-process global batch.
       augment: random flips/transposes.
       worker_count: > 0 runs decoding and cropping in that many worker processes.
       read_threads, prefetch: background threads and batches read ahead in this process, so
@@ -126,13 +128,18 @@ def train_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if check:
         check_source(source, scale, patch_size)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must lie in [0, {shard_count}), got {shard_index}.")
+    if len(source) < shard_count:
+        raise ValueError(f"{len(source)} training images cannot be shared by {shard_count} processes.")
     dataset = grain.MapDataset.source(source)
-    if shard_count > 1:
-        dataset = dataset[shard_index::shard_count]
-        if len(dataset) == 0:
-            raise ValueError(f"process {shard_index} of {shard_count} has no images: too few images to shard.")
+    # One global stream (an epoch-wise shuffle, then crops seeded by stream position) dealt
+    # round-robin to the processes: within an epoch each image goes to exactly one process, and
+    # the global batch holds the same pairs whatever the process count.
     dataset = dataset.shuffle(seed=seed).repeat(None)
     dataset = dataset.random_map(PairedCrop(scale, patch_size, augment), seed=seed)
+    if shard_count > 1:
+        dataset = dataset[shard_index::shard_count]
     dataset = dataset.batch(batch_size, drop_remainder=True)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     if worker_count > 0:

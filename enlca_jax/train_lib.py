@@ -33,6 +33,7 @@ from enlca_jax import (
     checkpointing,
     configuration,
     datasets,
+    distributed,
     input_pipeline,
     metric_writers,
     models,
@@ -52,14 +53,40 @@ class NonFiniteError(RuntimeError):
 
 
 def check_batch_size(batch_size: int) -> int:
-    """Per-process batch; the global batch must divide by the device count."""
-    devices, processes = jax.device_count(), jax.process_count()
-    if batch_size % devices:
+    """Per-process batch; the global batch must divide over all devices of all processes."""
+    devices, processes, local = jax.device_count(), jax.process_count(), jax.local_device_count()
+    where = f"the {devices} devices of all {processes} processes" if processes > 1 else f"the {devices} devices"
+    if batch_size % devices or (batch_size // processes) % local:
         raise ValueError(
-            f"batch_size {batch_size} is not divisible by the {devices} devices (jax.device_count()); "
-            f"set --config.batch_size to a multiple of {devices}."
+            f"batch_size {batch_size} does not divide over {where} ({local} on this process); set "
+            f"--config.batch_size to a multiple of {devices}."
         )
     return batch_size // processes
+
+
+def local_copy(x: jax.Array) -> jax.Array:
+    """One replica of a pmapped (replicated) array, from this process's first device. Not
+    ``x[0]``: with several processes that is device 0 of process 0, which the other processes
+    can only read through a collective that process 0 does not join."""
+    return x.addressable_shards[0].data[0]
+
+
+def data_state(data_iter: Any) -> dict:
+    """The data iterators' states for a checkpoint: this process's, or all processes' (gathered,
+    so that the one checkpoint holds every process's position in the stream)."""
+    states = distributed.gather_json(data_iter.get_state())
+    return states[0] if len(states) == 1 else {"per_process": states}
+
+
+def restore_data_state(data_iter: Any, saved: dict) -> None:
+    """Set this process's iterator from `data_state`'s record; a record from another process count
+    cannot be mapped onto this run's shares, so the data order then restarts (logged)."""
+    states = saved["per_process"] if "per_process" in saved else [saved]
+    if len(states) != jax.process_count():
+        log.warning("the checkpoint was written by %d process(es), this run has %d: the model and optimiser state "
+                    "are restored, the data order starts afresh", len(states), jax.process_count())  # fmt: skip
+        return
+    data_iter.set_state(states[jax.process_index()])
 
 
 def training_batches(config: ml_collections.ConfigDict, per_process_batch: int):
@@ -173,8 +200,8 @@ def train_and_evaluate(
       NonFiniteError: the loss or gradients became NaN/inf (the last good checkpoint is kept).
     """
     configuration.check_config(config)
-    if config.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(config.distributed)
+    distributed.check_same_config(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -198,13 +225,13 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
         workdirs.record_config(workdir, config, state.params)
     data_iter = training_batches(config, per_process_batch)
     # Read (and score bicubic on) the validation split now: a misspelt or unprepared set fails
-    # here, not after the first eval_every steps.
-    validator = validation.Validator(config, model.scale, workdir)
+    # here, not after the first eval_every steps. Process 0 validates for all.
+    validator = validation.Validator(config, model.scale, workdir) if is_main else None
     checkpoints = checkpointing.TrainCheckpoints(workdir, config.keep_latest, config.keep_best)
     restored = checkpoints.restore_latest(jax.eval_shape(lambda: state))
     if restored is not None:
-        state, data_state = restored
-        data_iter.set_state(data_state)
+        state, saved_data = restored
+        restore_data_state(data_iter, saved_data)
         log.info("resumed from step %d in %s", int(state.step), workdir)
     step = int(state.step)
     writer = metric_writers.MetricWriter(workdir, enabled=is_main, resume_step=step if restored else None)
@@ -216,37 +243,45 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     stopped_by = None
 
     def host_state() -> train_step.TrainState:
-        return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], replicated))
+        return jax.device_get(jax.tree_util.tree_map(local_copy, replicated))
 
     try:
         with stop_signals.StopRequest() as stop:
-            while step < config.num_train_steps and not stop.requested:
+            stopping = False
+            while step < config.num_train_steps:
+                # A signal on any process stops all of them at the same step boundary.
+                stopping = distributed.any_process(stop.requested)
+                if stopping:
+                    break
                 if with_attention and step > 0 and step % config.redraw_interval == 0:
                     replicated = redraw(replicated)
                 batch = jax.tree_util.tree_map(
                     lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]), next(data_iter)
                 )
                 replicated, metrics = steps[with_attention and step >= config.contrastive.start_step](replicated, batch)
-                metrics = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], metrics))
+                metrics = jax.device_get(jax.tree_util.tree_map(local_copy, metrics))
                 check_finite(metrics, step, workdir)
                 step += 1
                 progress.update(step, metrics)
                 if step % config.checkpoint_every == 0:
-                    checkpoints.save(step, host_state(), data_iter.get_state())
+                    checkpoints.save(step, host_state(), data_state(data_iter))
                 if step % config.eval_every == 0 or step == config.num_train_steps:
                     host = host_state()
-                    last_eval, samples = validator(model, variables_of(host), step)
-                    last_eval["eval_step"] = step
-                    writer.write_scalars(step, {f"val_{k}": v for k, v in last_eval.items() if k != "eval_step"})
-                    writer.write_images(step, {f"samples/{name}": image for name, image in samples.items()})
-                    if is_main:
+                    if validator is not None:
+                        last_eval, samples = validator(model, variables_of(host), step)
+                        writer.write_scalars(step, {f"val_{k}": v for k, v in last_eval.items()})
+                        writer.write_images(step, {f"samples/{name}": image for name, image in samples.items()})
                         log.info("validation step %d: PSNR %.3f dB SSIM %.4f (bicubic %.3f dB %.4f)", step,
                                  *(last_eval[k] for k in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")))  # fmt: skip
-                    checkpoints.save_best(step, host, data_iter.get_state(), last_eval["psnr"])
-            if stop.requested:
-                stopped_by = stop.signal_name
-                log.warning("%s received at step %d: saving a checkpoint and stopping.", stop.signal_name, step)
-            checkpoints.save(step, host_state(), data_iter.get_state(), force=True)
+                    # Every process takes part in the save; process 0's score decides "best".
+                    last_eval["psnr"] = distributed.from_process_0(last_eval.get("psnr", float("nan")))
+                    last_eval["eval_step"] = step
+                    checkpoints.save_best(step, host, data_state(data_iter), last_eval["psnr"])
+            if stopping or stop.requested:
+                stopped_by = stop.signal_name or "SIGTERM"  # the signal reached another process
+                cause = f"{stopped_by} received" if stop.requested else "another process stopped"
+                log.warning("%s at step %d: saving a checkpoint and stopping.", cause, step)
+            checkpoints.save(step, host_state(), data_state(data_iter), force=True)
     finally:
         checkpoints.wait()
         checkpoints.close()

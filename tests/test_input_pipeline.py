@@ -60,17 +60,27 @@ class TestPipeline:
         resumed.set_state(state)
         np.testing.assert_array_equal(np.stack(expected), np.stack([next(resumed)["lr"] for _ in range(4)]))
 
-    def test_shards_are_disjoint(self):
-        source = coordinate_source(n=8)
-        names = []
-        for index in range(2):
-            dataset = input_pipeline.train_dataset(
-                source, scale=2, patch_size=6, batch_size=1, seed=0, shard_index=index, shard_count=2
-            )
-            it = iter(dataset)
-            batches = [next(it)["lr"].tobytes() for _ in range(4)]
-            names.append(set(batches))
-        assert not names[0] & names[1]
+    def test_process_shares_make_up_the_global_stream(self):
+        # 8 images, global batch 4 = 2 processes × 2: within each epoch the processes get disjoint
+        # images that together are all of them, and the same pairs and crops as one process gets.
+        rng = np.random.default_rng(5)  # HR: noise, so that crops at different offsets differ
+        lr = [np.full((10, 10, 3), i, np.uint8) for i in range(8)]
+        source = [{"name": f"im{i}".encode(), "hr": random_image(rng, 20, 20), "lr_x2": lr[i]} for i in range(8)]
+        common = {"scale": 2, "patch_size": 4, "seed": 3}
+        single = iter(input_pipeline.train_dataset(source, batch_size=4, **common))
+        shares = [iter(input_pipeline.train_dataset(source, batch_size=2, shard_index=i, shard_count=2, **common))
+                  for i in range(2)]  # fmt: skip
+        for _ in range(3):  # epochs
+            images = [set(), set()]
+            for _ in range(2):
+                whole = next(single)
+                parts = [next(share) for share in shares]
+                for key in ("lr", "hr"):  # stream positions 0, 2 to process 0 and 1, 3 to process 1
+                    np.testing.assert_array_equal(whole[key][0::2], parts[0][key])
+                    np.testing.assert_array_equal(whole[key][1::2], parts[1][key])
+                for index, part in enumerate(parts):
+                    images[index] |= set(part["lr"][:, 0, 0, 0].tolist())
+            assert not images[0] & images[1] and images[0] | images[1] == set(range(8))
 
     def test_errors(self):
         source = coordinate_source()
@@ -80,7 +90,7 @@ class TestPipeline:
             input_pipeline.train_dataset(source, scale=4, patch_size=4, batch_size=2, seed=0)
         with pytest.raises(ValueError, match="no images"):
             input_pipeline.train_dataset([], scale=2, patch_size=4, batch_size=2, seed=0)
-        with pytest.raises(ValueError, match="has no images: too few"):
+        with pytest.raises(ValueError, match="1 training images cannot be shared by 2 processes"):
             input_pipeline.train_dataset(
                 source[:1], scale=2, patch_size=4, batch_size=1, seed=0, shard_count=2, shard_index=1
             )

@@ -61,7 +61,7 @@ class TestStep:
         assert not np.allclose(leaves(at(step=jnp.int32(3)))[0], leaves(state.random_features)[0])
 
     def test_batch_not_divisible(self):
-        with pytest.raises(ValueError, match=r"batch_size 6 is not divisible by the 4 devices"):
+        with pytest.raises(ValueError, match=r"batch_size 6 does not divide over the 4 devices"):
             train_lib.check_batch_size(6)
 
 

@@ -1,0 +1,181 @@
+"""Multi-process training: two train.py processes with two CPU devices each (gloo collectives)
+against one process with four, kill -9 of both and resume, checkpoints across process counts."""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from test_train_lib import ROOT, finished_checkpoints, losses, tiny_config, train
+
+from configs import tiny
+from enlca_jax import checkpointing, datasets, distributed
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo collectives between local processes")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tfds")
+    datasets.prepare("sr_skimage", directory)
+    return directory
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, data_dir, *flags, processes=2, devices=2):
+    """``processes`` train.py processes on this host, ``devices`` CPU devices each, one job."""
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    logs = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}_logs"
+    logs.mkdir(exist_ok=True)
+    started = []
+    for index in range(processes):
+        command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--workdir={workdir}",
+                   f"--config.data.data_dir={data_dir}", "--config.distributed.enabled=True",
+                   f"--config.distributed.coordinator_address=localhost:{port}",
+                   f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={index}",
+                   *flags]  # fmt: skip
+        # Output to files, not pipes: a process blocked on a full pipe would stall the collectives.
+        log = open(logs / f"{port}_{index}.log", "w+")  # noqa: SIM115 - closed in finish()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        process.log = log
+        started.append(process)
+    return started
+
+
+def output_of(process):
+    process.log.flush()
+    process.log.seek(0)
+    return process.log.read()
+
+
+def finish(processes, timeout=240):
+    deadline = time.time() + timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+            process.wait()
+        raise AssertionError("the processes did not finish:\n" + "\n".join(map(output_of, processes))) from None
+    outputs = [output_of(process) for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        process.log.close()
+        assert process.returncode == 0, output
+    return outputs
+
+
+def wait_for_step(workdir, step, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early:\n{output_of(process)}")
+        if (pathlib.Path(workdir) / "metrics.jsonl").exists() and max(losses(workdir), default=0) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"training did not reach step {step} in time:\n{output_of(process)}")
+
+
+def params_of(workdir, which="latest"):
+    _, variables, step = checkpointing.restore_model(workdir, which)
+    return step, variables["params"]
+
+
+def assert_params_close(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
+
+
+class TestTwoProcesses:
+    def test_matches_one_process_survives_kill_and_moves_between_process_counts(self, data_dir, tmp_path):
+        n = 10
+        common = ["--config.eval_every=1000", "--config.checkpoint_every=4"]
+        reference = tmp_path / "reference"  # one process, four devices (this process), global batch 4
+        train(tiny_config(data_dir, num_train_steps=n, eval_every=1000, checkpoint_every=4), reference)
+        expected = losses(reference)
+
+        # Two processes × two devices, killed (-9, both) after their first checkpoint, then resumed.
+        job = tmp_path / "job"
+        started = launch(job, data_dir, f"--config.num_train_steps={n + 200}", *common)
+        try:
+            wait_for_step(job, 6, started[0])
+            deadline = time.time() + 120
+            while not finished_checkpoints(job) and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            for process in started:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                process.log.close()
+        assert finished_checkpoints(job)
+        outputs = finish(launch(job, data_dir, f"--config.num_train_steps={n}", *common))
+        assert "resumed from step" in outputs[0]
+        got = losses(job)
+        for step in range(1, n + 1):
+            assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+        assert_params_close(params_of(job)[1], params_of(reference)[1])
+        assert (job / "metrics.jsonl").is_file() and (job / "config.json").is_file()
+
+        # The two-process checkpoint continues in one process, and the one-process one in two.
+        train(tiny_config(data_dir, num_train_steps=n + 2, eval_every=1000, checkpoint_every=4), job)
+        assert params_of(job)[0] == n + 2
+        finish(launch(reference, data_dir, f"--config.num_train_steps={n + 2}", *common))
+        assert params_of(reference)[0] == n + 2
+
+
+class TestLaunchConfig:
+    def options(self, **fields):
+        options = tiny.get_config().distributed
+        for key, value in fields.items():
+            options[key] = value
+        return options
+
+    def test_fields_then_environment(self, monkeypatch):
+        for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"):
+            monkeypatch.delenv(variable, raising=False)
+        assert distributed.launch_arguments(self.options()) == {}
+        fields = self.options(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2,
+                              local_device_ids="0,1")  # fmt: skip
+        assert distributed.launch_arguments(fields) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                                                        "process_id": 2, "local_device_ids": [0, 1]}  # fmt: skip
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host:9")
+        monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+        monkeypatch.setenv("JAX_PROCESS_ID", "1")
+        assert distributed.launch_arguments(self.options()) == {"coordinator_address": "host:9", "num_processes": 2,
+                                                                "process_id": 1}  # fmt: skip
+        monkeypatch.setenv("JAX_PROCESS_ID", "one")
+        with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' is not an integer"):
+            distributed.launch_arguments(self.options())
+
+    def test_no_cluster_says_what_to_set(self, monkeypatch):
+        calls = []
+
+        def initialize(**kwargs):
+            calls.append(kwargs)
+            raise ValueError("Number of processes must be defined.")
+
+        monkeypatch.setattr(jax.distributed, "initialize", initialize)
+        monkeypatch.setattr(jax.config, "update", lambda *args: None)
+        with pytest.raises(ValueError, match="coordinator_address=HOST:PORT.*num_processes=N.*process_id=I"):
+            distributed.initialize(self.options(enabled=True))
+        assert calls
+
+    def test_single_process_helpers_are_local(self):
+        config = ml_collections.ConfigDict({"distributed": {"process_id": 0}})
+        distributed.check_same_config(config)
+        assert distributed.gather_json({"a": 1}) == [{"a": 1}]
+        assert distributed.any_process(True) and not distributed.any_process(False)
+        assert distributed.from_process_0(1.5) == 1.5
