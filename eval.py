@@ -29,7 +29,7 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from enlca_jax import eval_lib  # noqa: E402
+from enlca_jax import checkpointing, eval_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -82,8 +82,7 @@ def main(argv):
         conv_general_dilated=CONV,
     )
     try:
-        if options.checkpoint not in ("best", "latest") and not options.checkpoint.isdigit():
-            raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got {options.checkpoint!r}.")
+        checkpointing.check_choice(options.checkpoint, "--checkpoint")
         if options.scale is not None and options.scale < 1:
             raise ValueError(f"--scale must be a positive integer, got {options.scale}.")
         if FLAGS.input:

@@ -101,17 +101,9 @@ def load_model(directory: str | os.PathLike, **overrides: Any) -> tuple[models.E
 
 
 def _path_name(path: tuple) -> str:
-    """``params/head/kernel`` for a pytree path, the same for a dataclass field and a dict key (a
-    state saved as a TrainState restores as nested dicts without a target)."""
-    parts = []
-    for entry in path:
-        for attribute in ("name", "key", "idx"):
-            if hasattr(entry, attribute):
-                parts.append(str(getattr(entry, attribute)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
+    """``params/head/kernel``: the same for a dataclass field and a dict key (a state saved as a
+    TrainState restores as nested dicts without a target)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def state_digest(state: Any) -> str:
@@ -228,6 +220,15 @@ class TrainCheckpoints:
         self.best.close()
 
 
+def check_choice(which: Any, name: str = "checkpoint") -> str:
+    """``which`` as the str `restore_model` takes ('latest', 'best' or a step number), or
+    ValueError naming ``name`` (e.g. the flag that gave it)."""
+    which = str(which)
+    if which not in ("latest", "best") and not which.isdigit():
+        raise ValueError(f"{name} must be 'best', 'latest' or a step number, got {which!r}.")
+    return which
+
+
 def restore_model(
     workdir: str | os.PathLike, which: str = "latest", **overrides: Any
 ) -> tuple[models.ENLCN, dict[str, Any], int]:
@@ -238,9 +239,7 @@ def restore_model(
     ``conv_general_dilated=enlca_jax.cpu.setup()``.
     """
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    which = str(which)
-    if which not in ("latest", "best") and not which.isdigit():
-        raise ValueError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}.")
+    which = check_choice(which)
     if (workdir / MODEL_JSON).is_file() and (workdir / VARIABLES_DIR).is_dir():
         model, variables = load_model(workdir, **overrides)
         return model, variables, 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 from enlca_jax import contrastive, models
 
@@ -186,15 +187,10 @@ RESUME_FIXED = (
 )  # fmt: skip
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
     """A nested dict as {"a.b": value}; lists become tuples (JSON round trips them as lists)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
+    flat = traverse_util.flatten_dict(tree, sep=".")
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in flat.items()}
 
 
 def run_record(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -210,9 +210,7 @@ def train_and_evaluate(
     logging.getLogger("absl").setLevel(logging.WARNING)
     is_main = jax.process_index() == 0
     per_process_batch = check_batch_size(config.batch_size)
-    with contextlib.ExitStack() as stack:
-        if is_main:
-            stack.enter_context(workdirs.WorkdirLock(workdir))
+    with workdirs.WorkdirLock(workdir) if is_main else contextlib.nullcontext():
         return _train(config, workdir, per_process_batch, conv_general_dilated)
 
 

@@ -26,6 +26,17 @@ GOLDEN = pathlib.Path(__file__).parent / "golden"
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def override(config, fields: dict):
+    """``config`` with dotted fields set, e.g. ``{"model.features": 16}``."""
+    for key, value in fields.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
 def load_golden(name: str) -> dict:
     """Arrays of one golden file (made by the authors' PyTorch code, see golden/README.md)."""
     with np.load(GOLDEN / name) as data:

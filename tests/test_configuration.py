@@ -3,19 +3,15 @@
 import json
 
 import pytest
+from conftest import override
 
 from configs import default, demo, enlca_x4, tiny
 from enlca_jax import configuration
 
 
 def with_fields(config, **fields):
-    for key, value in fields.items():
-        target = config
-        *path, last = key.split("__")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return config
+    """``config`` with fields set, ``model__scale=5`` for ``config.model.scale``."""
+    return override(config, {key.replace("__", "."): value for key, value in fields.items()})
 
 
 class TestCheckConfig:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import read_tensorboard
+from conftest import override, read_tensorboard
 from PIL import Image
 
 from configs import tiny
@@ -31,13 +31,7 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, **overrides):
     config = tiny.get_config()
     config.data.data_dir = str(data_dir)
-    for key, value in overrides.items():
-        target = config
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return config
+    return override(config, overrides)
 
 
 def train(config, workdir):
