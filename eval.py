@@ -36,7 +36,7 @@ config_flags.DEFINE_config_file(
     "config", None, "Training config; its eval.* fields give the default datasets and options.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint made by python -m enlca_jax.convert.")
-flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number (training workdirs).")
+flags.DEFINE_string("checkpoint", "best", "'best' (highest validation PSNR), 'latest' or a step (training workdirs).")
 flags.DEFINE_enum("model", "enlcn", ["enlcn", "bicubic"], "'bicubic' evaluates MATLAB-exact bicubic (no checkpoint).")
 flags.DEFINE_integer("scale", None, "Scale for --model bicubic (checked against the model otherwise).")
 flags.DEFINE_list("datasets", None, "Sets to evaluate, e.g. Set5,Set14,B100,Urban100 (default: config.eval.datasets).")

@@ -159,18 +159,35 @@ class TrainCheckpoints:
     """
 
     def __init__(self, workdir: pathlib.Path, keep_latest: int, keep_best: int):
+        # Both managers can save the same step at once (the last step is validated and saved);
+        # with several processes their barriers are named by step, so each needs its own prefix.
         self.latest = ocp.CheckpointManager(
             workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_latest, create=True, multiprocessing_options=self._barriers("latest")
+            ),
             item_handlers=self._handlers(),
         )
         self.best = ocp.CheckpointManager(
             workdir / "best",
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep_best, best_fn=lambda m: m["psnr"], best_mode="max", create=True
+                max_to_keep=keep_best,
+                best_fn=self.psnr,
+                best_mode="max",
+                create=True,
+                multiprocessing_options=self._barriers("best"),
             ),
             item_handlers=self._handlers(),
         )
+
+    @staticmethod
+    def psnr(metrics: dict) -> float:
+        """What ranks the best checkpoints: their validation PSNR."""
+        return metrics["psnr"]
+
+    @staticmethod
+    def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+        return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"enlca_{name}_")
 
     @staticmethod
     def _handlers() -> dict[str, Any]:
@@ -253,9 +270,11 @@ def restore_model(
     overrides.setdefault("dtype", configuration.compute_dtype(saved.get("dtype", "float32")))
     model = models.model_from_config(saved["model_config"], **overrides)
     folder = workdir / ("best" if which == "best" else "checkpoints")
-    manager = ocp.CheckpointManager(
-        folder, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=TrainCheckpoints._handlers()
-    )
+    # "best" ranks by the PSNR stored with each checkpoint: a manager without best_fn would call
+    # the newest one best.
+    ranking = {"best_fn": TrainCheckpoints.psnr, "best_mode": "max"} if which == "best" else {}
+    options = ocp.CheckpointManagerOptions(read_only=True, **ranking)
+    manager = ocp.CheckpointManager(folder, options=options, item_handlers=TrainCheckpoints._handlers())
     steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {folder}.")

@@ -1,13 +1,17 @@
-"""enlca_jax.checkpointing: damaged checkpoints are detected, skipped with a reason, never restored."""
+"""enlca_jax.checkpointing: damaged checkpoints are detected, skipped with a reason, never restored;
+`restore_model` gives the parameters of the checkpoint asked for."""
 
 import logging
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from enlca_jax import checkpointing
+from configs import tiny
+from enlca_jax import checkpointing, configuration, train_step
+from enlca_jax import workdir as workdirs
 
 
 def state_at(step):
@@ -78,3 +82,32 @@ class TestDamagedCheckpoints:
         assert checkpointing.state_digest(a) != checkpointing.state_digest(renamed)
         reshaped = {**a, "params": {**a["params"], "w": a["params"]["w"].reshape(32, 64)}}
         assert checkpointing.state_digest(a) != checkpointing.state_digest(reshaped)
+
+
+class TestRestoreModel:
+    def test_best_latest_and_a_step_give_their_own_parameters(self, tmp_path):
+        config = tiny.get_config()
+        model = configuration.build_model(config)
+        state = train_step.create_train_state(config, model, train_step.create_optimizer(config))
+        workdirs.record_config(tmp_path, config, state.params)
+
+        def at(step):  # distinct parameters per step
+            return state.replace(step=jnp.int32(step), params=jax.tree_util.tree_map(lambda p: p * step, state.params))
+
+        checkpoints = checkpointing.TrainCheckpoints(tmp_path, keep_latest=5, keep_best=2)
+        for step, psnr in ((1, 30.0), (2, 32.0), (3, 31.0), (4, float("nan"))):
+            checkpoints.save(step, at(step), {"epoch": 0})
+            checkpoints.save_best(step, at(step), {"epoch": 0}, psnr)
+        checkpoints.wait()
+        checkpoints.close()
+        for which, expected in (("best", 2), ("latest", 4), ("1", 1), (3, 3)):
+            restored_model, variables, step = checkpointing.restore_model(tmp_path, which)
+            assert step == expected and restored_model == model, which
+            for ours, theirs in zip(jax.tree_util.tree_leaves(variables["params"]),
+                                    jax.tree_util.tree_leaves(at(expected).params), strict=True):  # fmt: skip
+                np.testing.assert_array_equal(ours, theirs)
+            for ours, theirs in zip(jax.tree_util.tree_leaves(variables["random_features"]),
+                                    jax.tree_util.tree_leaves(state.random_features), strict=True):  # fmt: skip
+                np.testing.assert_array_equal(ours, theirs)
+        with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 5 .*available: \[1, 2, 3, 4\]"):
+            checkpointing.restore_model(tmp_path, "5")
