@@ -173,9 +173,9 @@ def test_enlcn_gradients_do_not_depend_on_the_conv_implementation():
     x = random((2, 12, 12, 3), 0) * 0.2 + 0.5
     target = random((2, 24, 24, 3), 1) * 0.2 + 0.5
     grads = {}
+    variables = models.init_variables(models.ENLCN_TINY(scale=2, features=32), jax.random.key(3))
     for impl, fn in (("xla", None), ("tap_matmul", cpu.conv_general_dilated)):
         model = models.ENLCN_TINY(scale=2, features=32, conv_general_dilated=fn)  # 32 → 3 tail: the thin path
-        variables = models.init_variables(model, jax.random.key(3))
 
         def loss(params, model=model, variables=variables):
             sr, losses = model.apply({**variables, "params": params}, x, train=True, mutable=["losses"])

@@ -1,5 +1,6 @@
 """Multi-process training: two train.py processes with two CPU devices each (gloo collectives)
-against one process with four, kill -9 of both and resume, checkpoints across process counts."""
+against one process with four, kill -9 of both and resume, SIGTERM to one of them, checkpoints
+across process counts."""
 
 import os
 import pathlib
@@ -13,19 +14,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_train_lib import ROOT, finished_checkpoints, losses, tiny_config, train
+from test_train_lib import ROOT, finished_checkpoints, losses, metric_lines, tiny_config, train
 
 from configs import tiny
-from enlca_jax import checkpointing, datasets, distributed
+from enlca_jax import checkpointing, distributed
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo collectives between local processes")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tfds")
-    datasets.prepare("sr_skimage", directory)
-    return directory
 
 
 def free_port():
@@ -61,7 +55,7 @@ def output_of(process):
     return process.log.read()
 
 
-def finish(processes, timeout=240):
+def finish(processes, timeout=240, returncodes=None):
     deadline = time.time() + timeout
     try:
         for process in processes:
@@ -72,9 +66,9 @@ def finish(processes, timeout=240):
             process.wait()
         raise AssertionError("the processes did not finish:\n" + "\n".join(map(output_of, processes))) from None
     outputs = [output_of(process) for process in processes]
-    for process, output in zip(processes, outputs, strict=True):
+    for process, output, code in zip(processes, outputs, returncodes or (0,) * len(processes), strict=True):
         process.log.close()
-        assert process.returncode == 0, output
+        assert process.returncode == code, output
     return outputs
 
 
@@ -100,16 +94,21 @@ def assert_params_close(a, b):
 
 
 class TestTwoProcesses:
-    def test_matches_one_process_survives_kill_and_moves_between_process_counts(self, data_dir, tmp_path):
+    @pytest.mark.long
+    def test_matches_one_process_survives_kill_and_sigterm_and_moves_between_process_counts(self, data_dir, tmp_path):
         n = 10
-        common = ["--config.eval_every=1000", "--config.checkpoint_every=4"]
+        # Contrastive term on from the start: one train-step program to compile instead of two.
+        common = ["--config.eval_every=1000", "--config.checkpoint_every=4", "--config.keep_latest=50",
+                  "--config.contrastive.start_step=0"]  # fmt: skip
         reference = tmp_path / "reference"  # one process, four devices (this process), global batch 4
-        train(tiny_config(data_dir, num_train_steps=n, eval_every=1000, checkpoint_every=4), reference)
+        options = {"eval_every": 1000, "checkpoint_every": 4, "keep_latest": 50, "contrastive.start_step": 0}
+        train(tiny_config(data_dir, num_train_steps=n, **options), reference)
         expected = losses(reference)
 
         # Two processes × two devices, killed (-9, both) after their first checkpoint, then resumed.
         job = tmp_path / "job"
-        started = launch(job, data_dir, f"--config.num_train_steps={n + 200}", *common)
+        endless = [f"--config.num_train_steps={n + 500}", *common]
+        started = launch(job, data_dir, *endless)
         try:
             wait_for_step(job, 6, started[0])
             deadline = time.time() + 120
@@ -121,17 +120,27 @@ class TestTwoProcesses:
                 process.wait()
                 process.log.close()
         assert finished_checkpoints(job)
-        outputs = finish(launch(job, data_dir, f"--config.num_train_steps={n}", *common))
+        # The resumed job runs past step n until SIGTERM reaches process 1 only: both processes
+        # stop, with one checkpoint of the step they reached.
+        started = launch(job, data_dir, *endless)
+        wait_for_step(job, n, started[0])
+        started[1].send_signal(signal.SIGTERM)
+        outputs = finish(started, returncodes=(128 + signal.SIGTERM,) * 2)
         assert "resumed from step" in outputs[0]
+        assert "another process stopped" in outputs[0] and "SIGTERM received" in outputs[1]
         got = losses(job)
+        stopped_at = max(got)
+        assert stopped_at >= n and max(finished_checkpoints(job)) == stopped_at
+        steps = [step for step, _ in metric_lines(job, "loss")]
+        assert sorted(steps) == list(range(1, stopped_at + 1)), "steps missing or written twice"
         for step in range(1, n + 1):
             assert got[step] == pytest.approx(expected[step], rel=1e-4), step
-        assert_params_close(params_of(job)[1], params_of(reference)[1])
+        assert_params_close(params_of(job, "8")[1], params_of(reference, "8")[1])
         assert (job / "metrics.jsonl").is_file() and (job / "config.json").is_file()
 
         # The two-process checkpoint continues in one process, and the one-process one in two.
-        train(tiny_config(data_dir, num_train_steps=n + 2, eval_every=1000, checkpoint_every=4), job)
-        assert params_of(job)[0] == n + 2
+        train(tiny_config(data_dir, num_train_steps=stopped_at + 2, **options), job)
+        assert params_of(job)[0] == stopped_at + 2
         finish(launch(reference, data_dir, f"--config.num_train_steps={n + 2}", *common))
         assert params_of(reference)[0] == n + 2
 

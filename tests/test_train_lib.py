@@ -15,17 +15,9 @@ from conftest import override, read_tensorboard
 from PIL import Image
 
 from configs import tiny
-from enlca_jax import checkpointing, cpu, datasets, train_lib
+from enlca_jax import checkpointing, cpu, train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The embedded default dataset, prepared once for the module."""
-    directory = tmp_path_factory.mktemp("tfds")
-    datasets.prepare("sr_skimage", directory)
-    return directory
 
 
 def tiny_config(data_dir, **overrides):
@@ -103,6 +95,7 @@ class TestTrainAndEvaluate:
         model, variables, step = checkpointing.restore_model(part, "best")
         assert step == 6 and "random_features" in variables
 
+    @pytest.mark.long
     def test_kill_minus_9_then_resume_on_other_device_counts(self, data_dir, tmp_path):
         n = 14
         reference = tmp_path / "reference"
