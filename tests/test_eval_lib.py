@@ -10,7 +10,7 @@ import pytest
 from conftest import GOLDEN
 from PIL import Image
 
-from enlca_jax import convert, eval_lib, imresize
+from enlca_jax import checkpointing, convert, datasets, eval_lib, imresize, inference, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,54 @@ class TestEvaluation:
             assert a.psnr == pytest.approx(b.psnr, abs=1e-6) and a.ssim == pytest.approx(b.ssim, abs=1e-8)
         assert len(list((tmp_path / "a" / "images" / "Set5" / "x2").glob("*.png"))) == 2
 
+    def test_tfds_sets_equal_their_folders(self, tmp_path):
+        # The same Set5 read from its EDSR folder and from its prepared TFDS form ("Set5" names
+        # sr_benchmark/Set5): the same images, pixel for pixel, and the same scores.
+        root = make_set(tmp_path / "data", sizes=((30, 36), (27, 41), (20, 24)))
+        datasets.prepare("sr_benchmark/Set5", tmp_path / "tfds", root)
+        for scale in (2, 3):
+            folder = eval_lib.folder_images(root / "Set5", scale)
+            prepared = eval_lib.tfds_images("Set5", "test", tmp_path / "tfds", scale)
+            assert [image.name for image in prepared] == [image.name for image in folder] == ["im0", "im1", "im2"]
+            for a, b in zip(prepared, folder, strict=True):
+                np.testing.assert_array_equal(a.lr, b.lr)
+                np.testing.assert_array_equal(a.hr, b.hr)
+        common = {"model": "bicubic", "scale": 3, "datasets": ("Set5",)}
+        from_tfds = eval_lib.run_evaluation(eval_lib.Options(**common, tfds_data_dir=str(tmp_path / "tfds"),
+                                                             output=str(tmp_path / "a")))  # fmt: skip
+        from_folder = eval_lib.run_evaluation(
+            eval_lib.Options(**common, data_dir=str(root), output=str(tmp_path / "b"))
+        )
+        assert from_tfds["Set5"][3].psnr == from_folder["Set5"][3].psnr
+
+    def test_upscaler_options_reach_the_prediction(self, authors_x2):
+        model, variables = checkpointing.load_model(authors_x2)
+        lr = np.random.default_rng(4).integers(0, 256, (40, 48, 3), dtype=np.uint8)  # chop: 4 quadrants
+        x = lr.astype(np.float32) / 255
+
+        def upscaled(**kwargs):
+            upscale, scale, description = eval_lib.make_upscaler(eval_lib.Options(workdir=str(authors_x2), **kwargs))
+            assert scale == 2 and description["checkpoint_step"] == 0
+            return upscale(lr).astype(int), description
+
+        plain = inference.predict(model, variables, x)
+        # Self-ensemble: the mean over the 8 flips and transposes, each undone.
+        views = [np.rot90(v, r) for v in (x, x.transpose(1, 0, 2)) for r in range(4)]
+        outputs = [inference.predict(model, variables, np.ascontiguousarray(v)) for v in views]
+        undone = [np.rot90(o, -(i % 4)) for i, o in enumerate(outputs)]
+        undone = undone[:4] + [u.transpose(1, 0, 2) for u in undone[4:]]
+        ensemble, description = upscaled(self_ensemble=True)
+        assert description["self_ensemble"] is True
+        assert np.abs(ensemble - metrics.quantize(np.mean(undone, axis=0))).max() <= 1
+        # Tiles: global attention, so the untiled result (up to rounding at .5).
+        tiled, description = upscaled(tile_size=8)
+        assert description["tile_size"] == 8 and np.abs(tiled - metrics.quantize(plain)).max() <= 1
+        # Chop: the authors' quadrants, which change the result.
+        chopped, description = upscaled(chop=True)
+        assert description["chop"] is True
+        np.testing.assert_array_equal(chopped, metrics.quantize(inference.predict_chop(model, variables, x)))
+        assert (chopped != metrics.quantize(plain)).any()  # distinguishable from whole-image inference
+
     def test_scale_mismatch(self, authors_x2):
         with pytest.raises(ValueError, match="×2 model"):
             eval_lib.make_upscaler(eval_lib.Options(workdir=str(authors_x2), scale=4))
@@ -93,6 +141,19 @@ class TestUpscale:
         assert rgba.mode == "RGBA" and rgba.size == (14, 20)
         alpha = np.asarray(Image.open(inputs / "rgba.png").getchannel("A"))
         np.testing.assert_array_equal(np.asarray(rgba.getchannel("A")), imresize.imresize(alpha, 2))
+        # The values: the model's output quantised (round half up); grey files get its BT.601 luma.
+        model, variables = checkpointing.load_model(authors_x2)
+
+        def expected(rgb):
+            sr = inference.predict(model, variables, rgb.astype(np.float32) / 255)
+            return np.floor(np.clip(sr.astype(np.float64) * 255, 0, 255) + 0.5)
+
+        colour = np.asarray(Image.open(inputs / "rgba.png").convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(rgba)[..., :3], expected(colour))
+        grey_in = np.asarray(Image.open(inputs / "grey.png"))
+        rgb_out = expected(np.repeat(grey_in[..., None], 3, axis=-1))
+        luma = (65.481 * rgb_out[..., 0] + 128.553 * rgb_out[..., 1] + 24.966 * rgb_out[..., 2]) / 219
+        np.testing.assert_array_equal(np.asarray(grey), np.floor(luma + 0.5))
 
     def test_same_stem_bad_files_and_output_checks(self, tmp_path, capsys):
         rng = np.random.default_rng(2)

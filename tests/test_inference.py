@@ -69,11 +69,22 @@ class TestInference:
             np.testing.assert_allclose(padded, full, atol=2e-6)
         assert inference.bucket_shape(13, 17, 8) == (16, 24)
 
-    def test_chop_changes_attention(self):
+    def test_chop_runs_each_quadrant_as_its_own_image(self):
+        # The authors' forward_chop on 40×48 at ×2: quadrants of (20 + 10 shave → 32) × (24 + 10 →
+        # 40), each a whole image for the attention; the output keeps each quadrant's own corner.
         x = np.random.default_rng(3).random((1, 40, 48, 3)).astype(np.float32)
-        full = inference.predict(self.model, self.variables, x)
-        chopped = inference.predict(self.model, self.variables, x, chop=True)
-        assert chopped.shape == full.shape and not np.allclose(chopped, full, atol=1e-6)
+        run = functools.partial(inference.predict, self.model, self.variables)
+        a, b, c, d = run(x[:, :32, :40]), run(x[:, :32, 8:]), run(x[:, 8:, :40]), run(x[:, 8:, 8:])
+        expected = np.concatenate(
+            [np.concatenate([a[:, :40, :48], b[:, :40, 32:]], axis=2),
+             np.concatenate([c[:, 24:, :48], d[:, 24:, 32:]], axis=2)], axis=1,
+        )  # fmt: skip
+        chopped = inference.predict_chop(self.model, self.variables, x)
+        np.testing.assert_allclose(chopped, expected, atol=2e-6)
+        np.testing.assert_allclose(
+            inference.predict(self.model, self.variables, x[0], chop=True), expected[0], atol=2e-6
+        )
+        assert not np.allclose(chopped, run(x), atol=1e-4)  # attention differs from whole-image attention
 
     @pytest.mark.parametrize(
         "images,match",

@@ -60,6 +60,25 @@ class TestPipeline:
         resumed.set_state(state)
         np.testing.assert_array_equal(np.stack(expected), np.stack([next(resumed)["lr"] for _ in range(4)]))
 
+    def test_worker_processes_give_the_same_stream_and_resume(self):
+        source = coordinate_source()
+
+        def stream(workers):
+            dataset = input_pipeline.train_dataset(source, scale=2, patch_size=6, batch_size=2, seed=7,
+                                                   worker_count=workers)  # fmt: skip
+            return iter(dataset)
+
+        serial, parallel = stream(0), stream(2)
+        for _ in range(4):
+            a, b = next(serial), next(parallel)
+            np.testing.assert_array_equal(a["lr"], b["lr"])
+            np.testing.assert_array_equal(a["hr"], b["hr"])
+        state = parallel.get_state()
+        expected = [next(serial)["hr"] for _ in range(4)]  # crosses the epoch boundary (6 images)
+        resumed = stream(2)
+        resumed.set_state(state)
+        np.testing.assert_array_equal(np.stack(expected), np.stack([next(resumed)["hr"] for _ in range(4)]))
+
     def test_process_shares_make_up_the_global_stream(self):
         # 8 images, global batch 4 = 2 processes × 2: within each epoch the processes get disjoint
         # images that together are all of them, and the same pairs and crops as one process gets.

@@ -15,6 +15,11 @@ def abstract_params(model):
     return jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))["params"]
 
 
+def dense_softmax_attention(q, k, v, projection, **unused):
+    """softmax(q kᵀ) v with the whole score matrix: [B, N, D], [B, L, D], [B, L, C] -> [B, N, C]."""
+    return jax.nn.softmax(q @ k.swapaxes(-1, -2)) @ v
+
+
 class TestArchitecture:
     # Authors' counts (ENLCA_REFERENCE.md section 1, counted from their layer list).
     @pytest.mark.parametrize("scale,count", [(2, 41_223_043), (3, 44_173_443), (4, 43_583_363)])
@@ -60,15 +65,24 @@ class TestArchitecture:
         x = jnp.asarray(np.random.default_rng(0).random((1, 10, 10, 3)), jnp.float32)
         variables = models.init_variables(models.ENLCN_TINY(), jax.random.key(0))
         enla = models.ENLCN_TINY().apply(variables, x)
+        # NLA: the same blocks with exact softmax attention, here written out densely.
         nla_block = functools.partial(models.NLA_BLOCK, num_features=32)
         nla = models.ENLCN_TINY(attention_block=nla_block).apply(variables, x)
+        dense = functools.partial(models.NLA_BLOCK.func, num_features=32, attention_fn=dense_softmax_attention)
+        np.testing.assert_allclose(nla, models.ENLCN_TINY(attention_block=dense).apply(variables, x), atol=1e-5)
+        assert not np.allclose(enla, nla, atol=1e-3)
+        # No attention: the same network as ENLCN whose attention adds nothing (V = 0).
         plain = models.ENLCN_TINY(attention_block=None)
         plain_vars = models.init_variables(plain, jax.random.key(0))
-        assert "attention_0" not in plain_vars["params"]
-        none = plain.apply(plain_vars, x)
-        for y in (enla, nla, none):
-            assert y.shape == (1, 40, 40, 3) and np.all(np.isfinite(y))
-        assert not np.allclose(enla, nla)
+        assert "attention_0" not in plain_vars["params"] and set(plain_vars) == {"params"}
+        silenced = jax.tree_util.tree_map(lambda a: a, variables)
+        for name in ("attention_0", "attention_1"):
+            value = silenced["params"][name]["value"]
+            silenced["params"][name]["value"] = jax.tree_util.tree_map(jnp.zeros_like, value)
+        kept = {key: value for key, value in silenced["params"].items() if not key.startswith("attention_")}
+        assert set(kept) == set(plain_vars["params"])
+        np.testing.assert_allclose(plain.apply({"params": kept}, x), models.ENLCN_TINY().apply(silenced, x), atol=1e-6)
+        assert enla.shape == nla.shape == (1, 40, 40, 3)
 
     def test_train_mode_sows_one_loss_per_block(self):
         model = models.ENLCN_TINY()
