@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import override, read_tensorboard
 from PIL import Image
 
 from configs import tiny
-from enlca_jax import checkpointing, cpu, train_lib
+from enlca_jax import checkpointing, cpu, inference, train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -130,6 +132,24 @@ class TestTrainAndEvaluate:
         for s in range(11, 13):
             assert got[s] == pytest.approx(expected[s], rel=1e-4)  # other device count: rounding only
         assert max(finished_checkpoints(killed)) == max(got)
+
+    def test_bfloat16_end_to_end(self, data_dir, tmp_path):
+        # config.model.dtype = 'bfloat16': training computes in bfloat16 (parameters stay float32),
+        # the workdir records it, and restore_model gives a bfloat16 model whose output follows
+        # the float32 one's.
+        steps = {"num_train_steps": 2, "eval_every": 2}
+        train(tiny_config(data_dir, **steps), tmp_path / "f32")
+        result = train(tiny_config(data_dir, **steps, **{"model.dtype": "bfloat16"}), tmp_path / "bf16")
+        assert np.isfinite(result["psnr"])
+        full, half = losses(tmp_path / "f32"), losses(tmp_path / "bf16")
+        assert sorted(half) == [1, 2] and all(half[s] == pytest.approx(full[s], rel=0.02) for s in (1, 2))
+        model, variables, _ = checkpointing.restore_model(tmp_path / "bf16", "latest")
+        assert model.dtype == jnp.bfloat16
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {np.dtype("float32")}
+        x = np.random.default_rng(0).random((12, 14, 3)).astype(np.float32)
+        reference = inference.predict(model.clone(dtype=jnp.float32), variables, x)
+        out = inference.predict(model, variables, x)
+        assert out.shape == (24, 28, 3) and np.abs(out - reference).max() < 0.02
 
     def test_non_finite_stops_before_saving(self, data_dir, tmp_path):
         config = tiny_config(data_dir, learning_rate=float("nan"), checkpoint_every=1)
