@@ -240,8 +240,15 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     last_eval: dict[str, Any] = {}
     stopped_by = None
 
-    def host_state() -> train_step.TrainState:
-        return jax.device_get(jax.tree_util.tree_map(local_copy, replicated))
+    snapshot: tuple[int, train_step.TrainState, dict] | None = None
+
+    def saved_at(step: int) -> tuple[train_step.TrainState, dict]:
+        """The host state and data positions at ``step``, fetched once however many saves use them
+        (each fetch copies the whole state to the host and, with several processes, gathers)."""
+        nonlocal snapshot
+        if snapshot is None or snapshot[0] != step:
+            snapshot = (step, jax.device_get(jax.tree_util.tree_map(local_copy, replicated)), data_state(data_iter))
+        return snapshot[1], snapshot[2]
 
     try:
         with stop_signals.StopRequest() as stop:
@@ -262,9 +269,9 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
                 step += 1
                 progress.update(step, metrics)
                 if step % config.checkpoint_every == 0:
-                    checkpoints.save(step, host_state(), data_state(data_iter))
+                    checkpoints.save(step, *saved_at(step))
                 if step % config.eval_every == 0 or step == config.num_train_steps:
-                    host = host_state()
+                    host, positions = saved_at(step)
                     if validator is not None:
                         last_eval, samples = validator(model, variables_of(host), step)
                         writer.write_scalars(step, {f"val_{k}": v for k, v in last_eval.items()})
@@ -274,12 +281,12 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
                     # Every process takes part in the save; process 0's score decides "best".
                     last_eval["psnr"] = distributed.from_process_0(last_eval.get("psnr", float("nan")))
                     last_eval["eval_step"] = step
-                    checkpoints.save_best(step, host, data_state(data_iter), last_eval["psnr"])
+                    checkpoints.save_best(step, host, positions, last_eval["psnr"])
             if stopping or stop.requested:
                 stopped_by = stop.signal_name or "SIGTERM"  # the signal reached another process
                 cause = f"{stopped_by} received" if stop.requested else "another process stopped"
                 log.warning("%s at step %d: saving a checkpoint and stopping.", cause, step)
-            checkpoints.save(step, host_state(), data_state(data_iter), force=True)
+            checkpoints.save(step, *saved_at(step), force=True)
     finally:
         checkpoints.wait()
         checkpoints.close()
