@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_train_lib import ROOT, finished_checkpoints, losses, metric_lines, tiny_config, train
+from test_train_lib import ROOT, finished_checkpoints, losses, metric_lines, tiny_config, train, wait_for_step
 
 from configs import tiny
 from enlca_jax import checkpointing, distributed
@@ -72,17 +72,6 @@ def finish(processes, timeout=240, returncodes=None):
     return outputs
 
 
-def wait_for_step(workdir, step, process, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"training exited early:\n{output_of(process)}")
-        if (pathlib.Path(workdir) / "metrics.jsonl").exists() and max(losses(workdir), default=0) >= step:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"training did not reach step {step} in time:\n{output_of(process)}")
-
-
 def params_of(workdir, which="latest"):
     _, variables, step = checkpointing.restore_model(workdir, which)
     return step, variables["params"]
@@ -110,7 +99,7 @@ class TestTwoProcesses:
         endless = [f"--config.num_train_steps={n + 500}", *common]
         started = launch(job, data_dir, *endless)
         try:
-            wait_for_step(job, 6, started[0])
+            wait_for_step(job, 6, started[0], output=output_of)
             deadline = time.time() + 120
             while not finished_checkpoints(job) and time.time() < deadline:
                 time.sleep(0.05)
@@ -123,7 +112,7 @@ class TestTwoProcesses:
         # The resumed job runs past step n until SIGTERM reaches process 1 only: both processes
         # stop, with one checkpoint of the step they reached.
         started = launch(job, data_dir, *endless)
-        wait_for_step(job, n, started[0])
+        wait_for_step(job, n, started[0], output=output_of)
         started[1].send_signal(signal.SIGTERM)
         outputs = finish(started, returncodes=(128 + signal.SIGTERM,) * 2)
         assert "resumed from step" in outputs[0]

@@ -56,16 +56,18 @@ def run_train_py(workdir, data_dir, devices, *flags):
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_step(workdir, step, process, timeout=240):
+def wait_for_step(workdir, step, process, timeout=240, output=lambda process: process.stdout.read()):
+    """Return once ``workdir``'s metrics reach ``step``; fail with ``output(process)`` if the
+    process exits first or the step is not reached in ``timeout`` seconds (then kill it)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"training exited early:\n{process.stdout.read()}")
-        if max(losses(workdir), default=0) >= step if (pathlib.Path(workdir) / "metrics.jsonl").exists() else False:
+            raise AssertionError(f"training exited early:\n{output(process)}")
+        if (pathlib.Path(workdir) / "metrics.jsonl").exists() and max(losses(workdir), default=0) >= step:
             return
         time.sleep(0.2)
     process.kill()
-    raise AssertionError("training did not reach the step in time")
+    raise AssertionError(f"training did not reach step {step} in time:\n{output(process)}")
 
 
 class TestTrainAndEvaluate:
