@@ -26,11 +26,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import pkgutil
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
-from enlca_jax.cpu import conv, host_memory, subpixel, xla_flags
+# Not conv and subpixel here: they import jax, and `setup(restart=True)` restarts the process
+# before jax is imported where it can (importing jax takes over a second).
+from enlca_jax.cpu import host_memory, xla_flags
 
 __all__ = ["setup", "computes_on_cpu", "accelerator_plugins", "conv_general_dilated", "ConvGeneralDilated"]
 
@@ -60,17 +63,19 @@ def computes_on_cpu(environ: Mapping[str, str] | None = None, plugins: Iterable[
     Once jax's backends are initialised, their answer. Before: the first platform of
     ``JAX_PLATFORMS`` (or ``jax.config.jax_platforms``) when set, else True exactly when no GPU/TPU
     plugin is installed (`accelerator_plugins`). A host with a GPU plugin but no working GPU counts
-    as an accelerator host: there the tuning was never measured, so it is left off.
+    as an accelerator host: there the tuning was never measured, so it is left off. Before jax is
+    imported only the environment can have configured it, and this does not import it.
     """
-    import jax  # noqa: PLC0415
-    from jax._src import xla_bridge  # noqa: PLC0415  (no public "are backends initialised?")
+    if environ is None and "jax" in sys.modules:
+        import jax  # noqa: PLC0415
+        from jax._src import xla_bridge  # noqa: PLC0415  (no public "are backends initialised?")
 
-    if environ is None and plugins is None and xla_bridge.backends_are_initialized():
-        return jax.default_backend() == "cpu"
-    if environ is None:  # this process: jax.config also sees a jax.config.update("jax_platforms", ...)
+        if plugins is None and xla_bridge.backends_are_initialized():
+            return jax.default_backend() == "cpu"
+        # This process: jax.config also sees a jax.config.update("jax_platforms", ...).
         platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
     else:
-        platforms = environ.get("JAX_PLATFORMS")
+        platforms = (os.environ if environ is None else environ).get("JAX_PLATFORMS")
     if platforms:
         return platforms.split(",")[0].strip().lower() == "cpu"
     return not list(accelerator_plugins() if plugins is None else plugins)
@@ -85,10 +90,14 @@ class ConvGeneralDilated:
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from enlca_jax.cpu import conv  # noqa: PLC0415
+
         return conv.conv_general_dilated(*args, **kwargs)
 
     @staticmethod
     def upsample_and_tail(*args: Any, **kwargs: Any) -> Any:
+        from enlca_jax.cpu import subpixel  # noqa: PLC0415
+
         return subpixel.upsample_and_tail(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -118,6 +127,8 @@ def setup(*, restart: bool = False, single_arena: bool = False) -> Callable[...,
     """
     if not computes_on_cpu():
         return None
+    if restart and "jax" not in sys.modules:  # restart before importing jax: the new process imports it once
+        host_memory.reexec_with_retained_memory(single_arena=single_arena)
     from jax._src import xla_bridge  # noqa: PLC0415
 
     if xla_flags.with_flags(os.environ.get("XLA_FLAGS", "")) != os.environ.get("XLA_FLAGS", "").strip():
