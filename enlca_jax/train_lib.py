@@ -64,11 +64,17 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size // processes
 
 
-def local_copy(x: jax.Array) -> jax.Array:
-    """One replica of a pmapped (replicated) array, from this process's first device. Not
-    ``x[0]``: with several processes that is device 0 of process 0, which the other processes
-    can only read through a collective that process 0 does not join."""
-    return x.addressable_shards[0].data[0]
+#: pmap's axis: the train step averages over it, and the replicated state is placed under it.
+AXIS_NAME = "batch"
+
+
+def host_replica(tree: Any) -> Any:
+    """One replica of a pmapped (replicated) pytree as host arrays, from this process's first
+    device. Not ``x[0]``: with several processes that is device 0 of process 0, which the other
+    processes can only read through a collective that process 0 does not join. The device shards
+    ([1, ...]) are copied whole and indexed on the host, so no slice program is compiled per shape."""
+    shards = jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data, tree)
+    return jax.tree_util.tree_map(lambda x: x[0, ...], jax.device_get(shards))  # [0, ...]: 0-d arrays, not scalars
 
 
 def data_state(data_iter: Any) -> dict:
@@ -111,9 +117,9 @@ def parallel_steps(config: ml_collections.ConfigDict, model: models.ENLCN, tx: A
         flag: jax.pmap(
             functools.partial(
                 train_step.train_step, model=model, tx=tx, schedule=schedule,
-                contrastive_weight=config.contrastive.weight, with_contrastive=flag,
+                contrastive_weight=config.contrastive.weight, with_contrastive=flag, axis_name=AXIS_NAME,
             ),
-            axis_name="batch",
+            axis_name=AXIS_NAME,
             donate_argnums=(0,),
         )
         for flag in (False, True)
@@ -121,7 +127,7 @@ def parallel_steps(config: ml_collections.ConfigDict, model: models.ENLCN, tx: A
     interval, kind = config.redraw_interval, config.model.feature_type
     redraw = jax.pmap(
         lambda s: s.replace(random_features=train_step.features_at(s.random_features, s.key, s.step, interval, kind)),
-        axis_name="batch",
+        axis_name=AXIS_NAME,
     )
     return steps, redraw
 
@@ -218,23 +224,28 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     is_main = jax.process_index() == 0
     model = configuration.build_model(config, conv_general_dilated=conv_general_dilated)
     tx = train_step.create_optimizer(config)
-    state = train_step.create_train_state(config, model, tx)
+    abstract_state = train_step.abstract_train_state(config, model, tx)
     if is_main:
-        workdirs.record_config(workdir, config, state.params)
+        workdirs.record_config(workdir, config, abstract_state.params)
     data_iter = training_batches(config, per_process_batch)
     # Read (and score bicubic on) the validation split now: a misspelt or unprepared set fails
     # here, not after the first eval_every steps. Process 0 validates for all.
     validator = validation.Validator(config, model.scale, workdir) if is_main else None
     checkpoints = checkpointing.TrainCheckpoints(workdir, config.keep_latest, config.keep_best)
-    restored = checkpoints.restore_latest(jax.eval_shape(lambda: state))
-    if restored is not None:
+    # Restored into the abstract state: a resumed run does not compile the initialisation.
+    restored = checkpoints.restore_latest(abstract_state)
+    if restored is None:
+        state = train_step.create_train_state(config, model, tx)
+    else:
         state, saved_data = restored
         restore_data_state(data_iter, saved_data)
         log.info("resumed from step %d in %s", int(state.step), workdir)
     step = int(state.step)
     writer = metric_writers.MetricWriter(workdir, enabled=is_main, resume_step=step if restored else None)
     steps, redraw = parallel_steps(config, model, tx)
-    replicated = flax.jax_utils.replicate(state)
+    # Under pmap's axis name: pmap's outputs carry it, and inputs placed under another name would
+    # make the second step trace and compile the train step again.
+    replicated = flax.jax_utils.replicate(state, axis_name=AXIS_NAME)
     with_attention = bool(state.random_features)
     progress = _Progress(config, writer, step)
     last_eval: dict[str, Any] = {}
@@ -247,7 +258,7 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
         (each fetch copies the whole state to the host and, with several processes, gathers)."""
         nonlocal snapshot
         if snapshot is None or snapshot[0] != step:
-            snapshot = (step, jax.device_get(jax.tree_util.tree_map(local_copy, replicated)), data_state(data_iter))
+            snapshot = (step, host_replica(replicated), data_state(data_iter))
         return snapshot[1], snapshot[2]
 
     try:
@@ -264,7 +275,7 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
                     lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]), next(data_iter)
                 )
                 replicated, metrics = steps[with_attention and step >= config.contrastive.start_step](replicated, batch)
-                metrics = jax.device_get(jax.tree_util.tree_map(local_copy, metrics))
+                metrics = host_replica(metrics)
                 check_finite(metrics, step, workdir)
                 step += 1
                 progress.update(step, metrics)

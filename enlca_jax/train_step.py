@@ -59,10 +59,8 @@ def features_at(template: Any, state_key: Array, step: Array, interval: int, kin
     return attention.redraw_random_features(template, jax.random.fold_in(feature_key(state_key), drawn_at), kind)
 
 
-def create_train_state(
-    config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation
-) -> TrainState:
-    """Initial state from ``config.seed`` (compiled: eager initialisation of the full model is slow)."""
+def _state_builder(config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation):
+    """The function that builds the initial state from ``config.seed`` (pure, no arguments)."""
     seed, interval, kind = config.seed, config.redraw_interval, config.model.feature_type
 
     def build() -> TrainState:
@@ -78,7 +76,23 @@ def create_train_state(
             key=key_data,
         )  # fmt: skip
 
-    return jax.jit(build)()
+    return build
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation
+) -> TrainState:
+    """Initial state from ``config.seed`` (compiled: eager initialisation of the full model is slow)."""
+    return jax.jit(_state_builder(config, model, tx))()
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation
+) -> TrainState:
+    """`create_train_state`'s structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) without
+    computing it: what a checkpoint is restored into, at no compile (compiling the initialisation
+    takes seconds on a GPU and tens of seconds on a CPU)."""
+    return jax.eval_shape(_state_builder(config, model, tx))
 
 
 def _global_norm(tree: Any) -> Array:

@@ -1,6 +1,7 @@
 """enlca_jax.train_lib: a run's outputs, exact resume (also after kill -9, on other device counts),
-SIGTERM, non-finite stops, missing data."""
+SIGTERM, non-finite stops, missing data, what a run compiles."""
 
+import collections
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ from PIL import Image
 
 from configs import tiny
 from enlca_jax import checkpointing, cpu, inference, train_lib
+from enlca_jax import train_step as train_step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,9 +73,20 @@ def wait_for_step(workdir, step, process, timeout=240, output=lambda process: pr
 
 
 class TestTrainAndEvaluate:
-    def test_run_outputs_and_exact_resume(self, data_dir, tmp_path):
+    def test_run_outputs_and_exact_resume(self, data_dir, tmp_path, monkeypatch):
+        # Each train-step variant is traced (and compiled) once: the state placed on the devices
+        # before the first step has the sharding of the steps' outputs.
+        traces = collections.Counter()
+        real_step = train_step_lib.train_step
+
+        def counted_step(*args, with_contrastive, **kwargs):
+            traces[with_contrastive] += 1
+            return real_step(*args, with_contrastive=with_contrastive, **kwargs)
+
+        monkeypatch.setattr(train_step_lib, "train_step", counted_step)
         full = tmp_path / "full"
         result = train(tiny_config(data_dir), full)
+        assert traces == {False: 1, True: 1}, "a train step was traced again"
         assert result["step"] == 6 and np.isfinite(result["psnr"]) and result["bicubic_psnr"] > 20
         reference = losses(full)
         assert sorted(reference) == [1, 2, 3, 4, 5, 6]
@@ -94,6 +107,11 @@ class TestTrainAndEvaluate:
         # Stop after 3 steps, resume to 6: the same losses (contrastive starts at 2, redraw at 3).
         part = tmp_path / "part"
         train(tiny_config(data_dir, num_train_steps=3), part)
+
+        def initialise(*args):
+            raise AssertionError("a resumed run computed the initial state")
+
+        monkeypatch.setattr(train_step_lib, "create_train_state", initialise)
         train(tiny_config(data_dir), part)
         assert losses(part) == reference
         model, variables, step = checkpointing.restore_model(part, "best")
