@@ -103,6 +103,7 @@ def train_dataset(
     read_threads: int = 2,
     prefetch: int = 4,
     check: bool = True,
+    start: int = 0,
 ) -> grain.IterDataset:
     """An endless, checkpointable stream of training batches for this process.
 
@@ -120,6 +121,9 @@ def train_dataset(
         decoding overlaps the train step (grain's defaults, 16 threads and 500 elements, would
         hog a small machine's cores and memory).
       check: scan the source first (`check_source`) for clear errors before training starts.
+      start: begin at this process's batch ``start`` (0: the beginning). Batch t of every
+        process's share holds that process's part of the global batch t whatever the process
+        count, so ``start = t`` continues a run at step t on any number of processes.
 
     Returns:
       grain IterDataset of ``{'lr': [B, p, p, 3], 'hr': [B, ps, ps, 3]}`` uint8 batches.
@@ -141,6 +145,10 @@ def train_dataset(
     if shard_count > 1:
         dataset = dataset[shard_index::shard_count]
     dataset = dataset.batch(batch_size, drop_remainder=True)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}.")
+    if start:
+        dataset = dataset[start:]
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     if worker_count > 0:
         from absl import flags  # noqa: PLC0415

@@ -84,30 +84,45 @@ def data_state(data_iter: Any) -> dict:
     return states[0] if len(states) == 1 else {"per_process": states}
 
 
-def restore_data_state(data_iter: Any, saved: dict) -> None:
-    """Set this process's iterator from `data_state`'s record; a record from another process count
-    cannot be mapped onto this run's shares, so the data order then restarts (logged)."""
-    states = saved["per_process"] if "per_process" in saved else [saved]
-    if len(states) != jax.process_count():
-        log.warning("the checkpoint was written by %d process(es), this run has %d: the model and optimiser state "
-                    "are restored, the data order starts afresh", len(states), jax.process_count())  # fmt: skip
-        return
-    data_iter.set_state(states[jax.process_index()])
-
-
-def training_batches(config: ml_collections.ConfigDict, per_process_batch: int):
-    """This process's shard of the training split as a checkpointable iterator of uint8 batches."""
+def training_source(config: ml_collections.ConfigDict) -> Any:
+    """The training split, checked (`input_pipeline.check_source`): a missing scale or too small
+    images fail here, before any work."""
     source = datasets.load_split(
         config.data.train, config.data.train_split, configuration.data_dir(config), scale=config.model.scale
     )
+    input_pipeline.check_source(source, config.model.scale, config.data.patch_size)
+    return source
+
+
+def training_batches(config: ml_collections.ConfigDict, source: Any, per_process_batch: int, start: int = 0):
+    """This process's shard of the training split, from its batch ``start`` on, as a checkpointable
+    iterator of uint8 batches."""
     return iter(
         input_pipeline.train_dataset(
             source, scale=config.model.scale, patch_size=config.data.patch_size, batch_size=per_process_batch,
             seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
             augment=config.data.augment, worker_count=config.data.worker_count,
-            read_threads=config.data.read_threads, prefetch=config.data.prefetch,
+            read_threads=config.data.read_threads, prefetch=config.data.prefetch, check=False, start=start,
         )
     )  # fmt: skip
+
+
+def resumed_batches(config: ml_collections.ConfigDict, source: Any, per_process_batch: int, saved: dict, step: int):
+    """The training iterator of a run resumed at ``step`` from `data_state`'s record ``saved``.
+
+    Written by as many processes as this run has: this process's saved position. Written by
+    another number of processes (a job moved to more or fewer hosts): this process's share of the
+    same global stream from batch ``step`` on, which holds the global batches the first run would
+    have seen next, so the run continues as if it had not moved.
+    """
+    states = saved["per_process"] if "per_process" in saved else [saved]
+    if len(states) != jax.process_count():
+        log.info("the checkpoint was written by %d process(es), this run has %d: continuing the global data "
+                 "stream at batch %d", len(states), jax.process_count(), step)  # fmt: skip
+        return training_batches(config, source, per_process_batch, start=step)
+    data_iter = training_batches(config, source, per_process_batch)
+    data_iter.set_state(states[jax.process_index()])
+    return data_iter
 
 
 def parallel_steps(config: ml_collections.ConfigDict, model: models.ENLCN, tx: Any) -> tuple[dict, Callable]:
@@ -227,7 +242,7 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     abstract_state = train_step.abstract_train_state(config, model, tx)
     if is_main:
         workdirs.record_config(workdir, config, abstract_state.params)
-    data_iter = training_batches(config, per_process_batch)
+    source = training_source(config)
     # Read (and score bicubic on) the validation split now: a misspelt or unprepared set fails
     # here, not after the first eval_every steps. Process 0 validates for all.
     validator = validation.Validator(config, model.scale, workdir) if is_main else None
@@ -236,9 +251,10 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     restored = checkpoints.restore_latest(abstract_state)
     if restored is None:
         state = train_step.create_train_state(config, model, tx)
+        data_iter = training_batches(config, source, per_process_batch)
     else:
         state, saved_data = restored
-        restore_data_state(data_iter, saved_data)
+        data_iter = resumed_batches(config, source, per_process_batch, saved_data, int(state.step))
         log.info("resumed from step %d in %s", int(state.step), workdir)
     step = int(state.step)
     writer = metric_writers.MetricWriter(workdir, enabled=is_main, resume_step=step if restored else None)

@@ -85,16 +85,19 @@ def assert_params_close(a, b):
 class TestTwoProcesses:
     @pytest.mark.long
     def test_matches_one_process_survives_kill_and_sigterm_and_moves_between_process_counts(self, data_dir, tmp_path):
-        n = 10
-        # Contrastive term on from the start: one train-step program to compile instead of two.
-        common = ["--config.eval_every=1000", "--config.checkpoint_every=4", "--config.keep_latest=50",
-                  "--config.contrastive.start_step=0"]  # fmt: skip
-        reference = tmp_path / "reference"  # one process, four devices (this process), global batch 4
+        # One job, checked step by step against one uninterrupted process with four devices:
+        # two processes from scratch, killed (-9, both) after a checkpoint; the two started again
+        # until SIGTERM reaches one of them; one process continuing their checkpoint; two processes
+        # continuing that one's. The global batch of a step is the same on any process count, so
+        # every loss of the job equals the reference's.
+        n, total = 10, 24
         options = {"eval_every": 1000, "checkpoint_every": 4, "keep_latest": 50, "contrastive.start_step": 0}
-        train(tiny_config(data_dir, num_train_steps=n, **options), reference)
+        # Contrastive term on from the start: one train-step program to compile instead of two.
+        common = [f"--config.{key}={value}" for key, value in options.items()]
+        reference = tmp_path / "reference"
+        train(tiny_config(data_dir, num_train_steps=total, **options), reference)
         expected = losses(reference)
 
-        # Two processes × two devices, killed (-9, both) after their first checkpoint, then resumed.
         job = tmp_path / "job"
         endless = [f"--config.num_train_steps={n + 500}", *common]
         started = launch(job, data_dir, *endless)
@@ -109,29 +112,31 @@ class TestTwoProcesses:
                 process.wait()
                 process.log.close()
         assert finished_checkpoints(job)
-        # The resumed job runs past step n until SIGTERM reaches process 1 only: both processes
-        # stop, with one checkpoint of the step they reached.
+        # Started again, the job runs past step n until SIGTERM reaches process 1 only: both
+        # processes stop, with one checkpoint of the step they reached.
         started = launch(job, data_dir, *endless)
         wait_for_step(job, n, started[0], output=output_of)
         started[1].send_signal(signal.SIGTERM)
         outputs = finish(started, returncodes=(128 + signal.SIGTERM,) * 2)
         assert "resumed from step" in outputs[0]
         assert "another process stopped" in outputs[0] and "SIGTERM received" in outputs[1]
-        got = losses(job)
-        stopped_at = max(got)
-        assert stopped_at >= n and max(finished_checkpoints(job)) == stopped_at
-        steps = [step for step, _ in metric_lines(job, "loss")]
-        assert sorted(steps) == list(range(1, stopped_at + 1)), "steps missing or written twice"
-        for step in range(1, n + 1):
-            assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+        stopped_at = max(losses(job))
+        assert n <= stopped_at <= total - 4, f"SIGTERM took until step {stopped_at} to stop the job"
+        assert max(finished_checkpoints(job)) == stopped_at
         assert_params_close(params_of(job, "8")[1], params_of(reference, "8")[1])
         assert (job / "metrics.jsonl").is_file() and (job / "config.json").is_file()
 
-        # The two-process checkpoint continues in one process, and the one-process one in two.
+        # Their checkpoint continues in one process, and that one's in two again.
         train(tiny_config(data_dir, num_train_steps=stopped_at + 2, **options), job)
         assert params_of(job)[0] == stopped_at + 2
-        finish(launch(reference, data_dir, f"--config.num_train_steps={n + 2}", *common))
-        assert params_of(reference)[0] == n + 2
+        finish(launch(job, data_dir, f"--config.num_train_steps={stopped_at + 4}", *common))
+        assert params_of(job)[0] == stopped_at + 4
+
+        steps = [step for step, _ in metric_lines(job, "loss")]
+        assert sorted(steps) == list(range(1, stopped_at + 5)), "steps missing or written twice"
+        got = losses(job)
+        for step in range(1, stopped_at + 5):
+            assert got[step] == pytest.approx(expected[step], rel=1e-4), step
 
 
 class TestLaunchConfig:

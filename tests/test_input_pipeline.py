@@ -101,6 +101,29 @@ class TestPipeline:
                     images[index] |= set(part["lr"][:, 0, 0, 0].tolist())
             assert not images[0] & images[1] and images[0] | images[1] == set(range(8))
 
+    def test_start_continues_the_global_stream_on_another_process_count(self):
+        # A run at step t moved from 1 process to 2 (or back): batch t onwards of each share is the
+        # global batch t onwards, split as the shares split it, across epoch boundaries.
+        rng = np.random.default_rng(6)
+        source = [{"name": f"im{i}".encode(), "hr": random_image(rng, 20, 20), "lr_x2": random_image(rng, 10, 10)}
+                  for i in range(6)]  # fmt: skip
+        common = {"scale": 2, "patch_size": 4, "seed": 3}
+        single = iter(input_pipeline.train_dataset(source, batch_size=4, **common))
+        whole = [next(single) for _ in range(7)]
+        for t in (1, 5):
+            shares = [iter(input_pipeline.train_dataset(source, batch_size=2, shard_index=i, shard_count=2, start=t,
+                                                        **common)) for i in range(2)]  # fmt: skip
+            moved = iter(input_pipeline.train_dataset(source, batch_size=4, start=t, **common))
+            for step in range(t, 7):
+                parts = [next(share) for share in shares]
+                again = next(moved)
+                for key in ("lr", "hr"):
+                    np.testing.assert_array_equal(whole[step][key][0::2], parts[0][key])
+                    np.testing.assert_array_equal(whole[step][key][1::2], parts[1][key])
+                    np.testing.assert_array_equal(whole[step][key], again[key])
+        with pytest.raises(ValueError, match="start must be >= 0"):
+            input_pipeline.train_dataset(source, batch_size=4, start=-1, **common)
+
     def test_errors(self):
         source = coordinate_source()
         with pytest.raises(ValueError, match=r"smaller than the patch 14 .* im0 \(12×15\)"):
