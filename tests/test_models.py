@@ -3,6 +3,7 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +61,13 @@ class TestArchitecture:
         assert float(jnp.max(jnp.abs(kernel))) > 0.9 * bound  # uniform fills the range
         flax_vars = models.init_variables(models.ENLCN_TINY(initializer="flax"), jax.random.key(0))
         assert float(jnp.max(jnp.abs(flax_vars["params"]["head"]["bias"]))) == 0.0
+
+    def test_pytorch_kernel_init_is_variance_scaling(self):
+        # Drawn as a matrix, the same numbers as flax's initialiser on the 4-D shape, bit for bit.
+        init, reference = models.pytorch_kernel_init(), nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        for index, shape in enumerate([(3, 3, 4, 5), (1, 1, 6, 3), (2, 3, 4, 5, 6), (5, 7)]):
+            key = jax.random.key(index)
+            np.testing.assert_array_equal(init(key, shape), reference(key, shape))
 
     def test_variants(self):
         x = jnp.asarray(np.random.default_rng(0).random((1, 10, 10, 3)), jnp.float32)
