@@ -130,6 +130,8 @@ def train_dataset(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}.")
     if check:
         check_source(source, scale, patch_size)
     if not 0 <= shard_index < shard_count:
@@ -145,8 +147,6 @@ def train_dataset(
     if shard_count > 1:
         dataset = dataset[shard_index::shard_count]
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}.")
     if start:
         dataset = dataset[start:]
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))

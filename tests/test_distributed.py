@@ -91,8 +91,8 @@ class TestTwoProcesses:
         # continuing that one's. The global batch of a step is the same on any process count, so
         # every loss of the job equals the reference's.
         n, total = 10, 24
-        options = {"eval_every": 1000, "checkpoint_every": 4, "keep_latest": 50, "contrastive.start_step": 0}
         # Contrastive term on from the start: one train-step program to compile instead of two.
+        options = {"eval_every": 1000, "checkpoint_every": 4, "keep_latest": 50, "contrastive.start_step": 0}
         common = [f"--config.{key}={value}" for key, value in options.items()]
         reference = tmp_path / "reference"
         train(tiny_config(data_dir, num_train_steps=total, **options), reference)
