@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import ml_collections
 import numpy as np
@@ -66,6 +65,21 @@ def check_batch_size(batch_size: int) -> int:
 
 #: pmap's axis: the train step averages over it, and the replicated state is placed under it.
 AXIS_NAME = "batch"
+
+
+def replicate(tree: Any) -> Any:
+    """``tree`` copied to each of this process's devices (leaves [n_local, ...]), under pmap's axis
+    name: pmap's outputs carry it, and inputs placed under another name would make the second step
+    trace and compile the train step again. Placed from one host copy: stacking device arrays on
+    the device (as ``flax.jax_utils.replicate`` does with them) compiles a stack and a reshard
+    program per leaf shape."""
+    devices = jax.local_devices()
+    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS_NAME,)), jax.P(AXIS_NAME))
+
+    def place(x: np.ndarray) -> jax.Array:
+        return jax.device_put(np.broadcast_to(x, (len(devices), *np.shape(x))), sharding)
+
+    return jax.tree_util.tree_map(place, jax.device_get(tree))
 
 
 def host_replica(tree: Any) -> Any:
@@ -259,9 +273,7 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     step = int(state.step)
     writer = metric_writers.MetricWriter(workdir, enabled=is_main, resume_step=step if restored else None)
     steps, redraw = parallel_steps(config, model, tx)
-    # Under pmap's axis name: pmap's outputs carry it, and inputs placed under another name would
-    # make the second step trace and compile the train step again.
-    replicated = flax.jax_utils.replicate(state, axis_name=AXIS_NAME)
+    replicated = replicate(state)
     with_attention = bool(state.random_features)
     progress = _Progress(config, writer, step)
     last_eval: dict[str, Any] = {}

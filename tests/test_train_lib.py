@@ -210,6 +210,31 @@ class TestTrainAndEvaluate:
         assert "Traceback" not in result.stderr and not (tmp_path / "config.json").exists()
 
 
+class TestReplicas:
+    def test_replicate_places_under_the_step_axis_without_compiling(self):
+        tree = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(5), "host": np.ones((2, 2, 1), np.uint32)}
+        jax.block_until_ready(tree)
+        compiles = []
+
+        def listener(event, duration, **kwargs):
+            if event == "/jax/core/compile/backend_compile_duration":
+                compiles.append(kwargs.get("fun_name"))
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            replicated = train_lib.replicate(tree)
+            back = train_lib.host_replica(replicated)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert compiles == [], f"placing or fetching replicas compiled {compiles}"
+        n = jax.local_device_count()
+        for key, leaf in replicated.items():
+            assert leaf.shape == (n, *np.shape(tree[key])) and leaf.sharding.spec == jax.P(train_lib.AXIS_NAME)
+            assert len(leaf.addressable_shards) == n
+            np.testing.assert_array_equal(back[key], np.asarray(tree[key]))
+            assert back[key].dtype == np.asarray(tree[key]).dtype
+
+
 def finished_checkpoints(workdir):
     """Steps of committed checkpoints (orbax renames a step's folder to its number when complete)."""
     folder = pathlib.Path(workdir) / "checkpoints"
