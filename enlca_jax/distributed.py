@@ -75,9 +75,11 @@ def initialize(options: ml_collections.ConfigDict) -> None:
 
 
 def _allgather_bytes(data: bytes) -> list[bytes]:
-    """Every process's ``data``, in process order."""
+    """Every process's ``data``, in process order. Gathered padded to a power of two (at least
+    64 bytes): each gathered shape is a program to compile, and the JSON of a data-iterator state
+    changes length from checkpoint to checkpoint."""
     lengths = multihost_utils.process_allgather(np.array([len(data)], np.int64)).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded = np.zeros(max(64, 1 << (int(lengths.max()) - 1).bit_length()), np.uint8)
     padded[: len(data)] = np.frombuffer(data, np.uint8)
     gathered = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
     return [bytes(row[:length]) for row, length in zip(gathered, lengths, strict=True)]

@@ -176,6 +176,20 @@ class TestLaunchConfig:
             distributed.initialize(self.options(enabled=True))
         assert calls
 
+    def test_gathered_bytes_are_padded_to_few_shapes(self, monkeypatch):
+        # Each gathered shape compiles a program: JSON of 70 and of 100 bytes share one.
+        shapes = []
+        real = distributed.multihost_utils.process_allgather
+
+        def allgather(x):
+            shapes.append(np.shape(x))
+            return real(x)
+
+        monkeypatch.setattr(distributed.multihost_utils, "process_allgather", allgather)
+        for data in (b"x" * 70, b"y" * 100, b"", b"z" * 129):
+            assert distributed._allgather_bytes(data) == [data]
+        assert shapes[1::2] == [(128,), (128,), (64,), (256,)]
+
     def test_single_process_helpers_are_local(self):
         config = ml_collections.ConfigDict({"distributed": {"process_id": 0}})
         distributed.check_same_config(config)
