@@ -80,10 +80,11 @@ def is_greyscale_file(path: str | os.PathLike) -> bool:
         return image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an [H, W, 3] (or [H, W]) uint8 image."""
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG bytes of an [H, W, 3] (or [H, W]) uint8 image; ``compress_level`` 0-9 is zlib's (PIL's
+    default 6). The pixels decode the same at every level."""
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -73,6 +73,11 @@ def _features() -> tfds.features.FeaturesDict:
     )
 
 
+#: zlib level of the stored PNGs: encoding at 1 is about 3x faster than PIL's default 6 (most of
+#: the time a dataset takes to prepare) for files about 13 % larger; decoding takes the same time.
+PNG_COMPRESS_LEVEL = 1
+
+
 def make_example(
     name: str, hr: np.ndarray, lrs: dict[int, np.ndarray | None], origin: str, greyscale: bool = False
 ) -> dict[str, Any]:
@@ -84,9 +89,9 @@ def make_example(
     """
     greyscale = greyscale or np.ndim(hr) == 2
     hr = image_io.to_rgb_uint8(hr, origin)
-    example: dict[str, Any] = {"name": name, "greyscale": greyscale, "hr": image_io.encode_png(hr)}
+    example: dict[str, Any] = {"name": name, "greyscale": greyscale, "hr": image_io.encode_png(hr, PNG_COMPRESS_LEVEL)}
     for scale in SCALES:
-        example[lr_key(scale)] = image_io.encode_png(checked_lr(hr, lrs.get(scale), scale, origin))
+        example[lr_key(scale)] = image_io.encode_png(checked_lr(hr, lrs.get(scale), scale, origin), PNG_COMPRESS_LEVEL)
     return example
 
 
