@@ -253,7 +253,8 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     is_main = jax.process_index() == 0
     model = configuration.build_model(config, conv_general_dilated=conv_general_dilated)
     tx = train_step.create_optimizer(config)
-    abstract_state = train_step.abstract_train_state(config, model, tx)
+    initialise = train_step.state_initializer(config, model, tx)
+    abstract_state = initialise.eval_shape()
     if is_main:
         workdirs.record_config(workdir, config, abstract_state.params)
     source = training_source(config)
@@ -264,7 +265,7 @@ def _train(config, workdir, per_process_batch, conv_general_dilated) -> dict[str
     # Restored into the abstract state: a resumed run does not compile the initialisation.
     restored = checkpoints.restore_latest(abstract_state)
     if restored is None:
-        state = train_step.create_train_state(config, model, tx)
+        state = initialise()
         data_iter = training_batches(config, source, per_process_batch)
     else:
         state, saved_data = restored

@@ -79,20 +79,26 @@ def _state_builder(config: ml_collections.ConfigDict, model: models.ENLCN, tx: o
     return build
 
 
+def state_initializer(config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation):
+    """The compiled initialisation from ``config.seed``: ``init()`` is the initial `TrainState`,
+    ``init.eval_shape()`` its structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves)
+    without computing it, i.e. what a checkpoint is restored into, at no compile (compiling the
+    initialisation takes seconds on a GPU and tens of seconds on a CPU). The two share one trace."""
+    return jax.jit(_state_builder(config, model, tx))
+
+
 def create_train_state(
     config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation
 ) -> TrainState:
     """Initial state from ``config.seed`` (compiled: eager initialisation of the full model is slow)."""
-    return jax.jit(_state_builder(config, model, tx))()
+    return state_initializer(config, model, tx)()
 
 
 def abstract_train_state(
     config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation
 ) -> TrainState:
-    """`create_train_state`'s structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) without
-    computing it: what a checkpoint is restored into, at no compile (compiling the initialisation
-    takes seconds on a GPU and tens of seconds on a CPU)."""
-    return jax.eval_shape(_state_builder(config, model, tx))
+    """`create_train_state`'s structure, shapes and dtypes, without computing it."""
+    return state_initializer(config, model, tx).eval_shape()
 
 
 def _global_norm(tree: Any) -> Array:

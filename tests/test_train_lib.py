@@ -108,10 +108,16 @@ class TestTrainAndEvaluate:
         part = tmp_path / "part"
         train(tiny_config(data_dir, num_train_steps=3), part)
 
-        def initialise(*args):
-            raise AssertionError("a resumed run computed the initial state")
+        real_initializer = train_step_lib.state_initializer
 
-        monkeypatch.setattr(train_step_lib, "create_train_state", initialise)
+        def guarded_initializer(*args):
+            def initialise():
+                raise AssertionError("a resumed run computed the initial state")
+
+            initialise.eval_shape = real_initializer(*args).eval_shape
+            return initialise
+
+        monkeypatch.setattr(train_step_lib, "state_initializer", guarded_initializer)
         train(tiny_config(data_dir), part)
         assert losses(part) == reference
         model, variables, step = checkpointing.restore_model(part, "best")
