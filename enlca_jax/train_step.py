@@ -94,13 +94,6 @@ def create_train_state(
     return state_initializer(config, model, tx)()
 
 
-def abstract_train_state(
-    config: ml_collections.ConfigDict, model: models.ENLCN, tx: optax.GradientTransformation
-) -> TrainState:
-    """`create_train_state`'s structure, shapes and dtypes, without computing it."""
-    return state_initializer(config, model, tx).eval_shape()
-
-
 def _global_norm(tree: Any) -> Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
 
